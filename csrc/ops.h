@@ -1,0 +1,86 @@
+// Declarations of every native kernel entry point. One op keeps one name in
+// every layer: <op>_<fwd|bwd>_<cpu|cuda> here, kernels/<op>.py for Triton,
+// fastgen/ops/<op>.py for checks, reference and dispatch.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <tuple>
+
+namespace fastgen {
+
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// GroupNorm (+ optional SiLU, + optional residual added after the activation).
+// x: (N, C, *spatial), dense, either contiguous or channels-last
+//    (x.is_contiguous() == false means channels-last: stride(1) == 1).
+// weight, bias: fp32 (C,) contiguous. residual: same sizes, strides, dtype as x.
+// Returns y (same sizes/strides/dtype as x), mean and rstd as fp32 (N, G).
+Tensor3 group_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                           const at::Tensor& bias,
+                           const std::optional<at::Tensor>& residual,
+                           int64_t num_groups, double eps, bool silu);
+// dy: same sizes/strides/dtype as x. Returns dx (like x), dweight and dbias
+// as fp32 (C,). The residual's gradient is dy itself, so it is not computed.
+Tensor3 group_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
+                           const at::Tensor& weight, const at::Tensor& bias,
+                           const at::Tensor& mean, const at::Tensor& rstd,
+                           int64_t num_groups, bool silu);
+
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+
+// Attention softmax(q k^T * scale) v without materialising the Nq x Nk matrix.
+// q: (B, H, Nq, D), k and v: (B, H, Nk, D); all contiguous, one dtype
+// (fp32/fp16/bf16). Returns o (B, H, Nq, D) in q's dtype and lse, the fp32
+// (B, H, Nq) natural-log log-sum-exp of the scaled scores, for the backward.
+Tensor2 attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, double scale);
+// do_: (B, H, Nq, D) contiguous, q's dtype. Returns dq, dk, dv like q, k, v.
+Tensor3 attention_bwd_cpu(const at::Tensor& do_, const at::Tensor& q,
+                          const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& o, const at::Tensor& lse,
+                          double scale);
+
+#ifdef FASTGEN_WITH_CUDA
+Tensor2 attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, double scale);
+
+Tensor3 group_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias,
+                            const std::optional<at::Tensor>& residual,
+                            int64_t num_groups, double eps, bool silu);
+Tensor3 group_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
+                            const at::Tensor& weight, const at::Tensor& bias,
+                            const at::Tensor& mean, const at::Tensor& rstd,
+                            int64_t num_groups, bool silu);
+#endif
+
+
+// Fused sampler step (fastgen/ops/sampling.py has the formula and the torch
+// reference _reference_step, which is the spec):
+//   e = model_output, or u + g * (c - u) with guidance_scale g, where
+//       model_output = [u; c] is (2N, ...);
+//   x0 = c0 * sample + c1 * e, clamped to [-clip, clip] when clip is given;
+//   out = c2 * sample + c3 * x0 + c4 * extra1 + c5 * extra2 + c6 * noise.
+// sample: (N, ...); extra1, extra2, noise: optional, sample's shape. Every
+// tensor may be float32, float16 or bfloat16 independently; math is fp32.
+// coeffs: float32 (N, 7), one row per sample ((7,) or (1, 7) is broadcast).
+// Any strides are accepted: tensors are read in sample's memory order when
+// sample is dense with the batch dim outermost (contiguous, channels-last)
+// and copied into that order otherwise. Returns (out, x0) in sample's dtype
+// and layout; x0 is an undefined tensor (None in Python) unless return_x0.
+std::tuple<at::Tensor, at::Tensor> sampling_step_cpu(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
+    const std::optional<at::Tensor>& extra1, const std::optional<at::Tensor>& extra2,
+    const std::optional<at::Tensor>& noise, std::optional<double> guidance_scale,
+    std::optional<double> clip, bool return_x0);
+
+#ifdef FASTGEN_WITH_CUDA
+// Same contract as sampling_step_cpu, for CUDA tensors (coeffs on the same device).
+std::tuple<at::Tensor, at::Tensor> sampling_step_cuda(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
+    const std::optional<at::Tensor>& extra1, const std::optional<at::Tensor>& extra2,
+    const std::optional<at::Tensor>& noise, std::optional<double> guidance_scale,
+    std::optional<double> clip, bool return_x0);
+#endif
+
+}  // namespace fastgen

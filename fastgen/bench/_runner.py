@@ -1,0 +1,117 @@
+"""Timing, tables and JSON results for the benchmark suites."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch.utils import benchmark as tbench
+
+from .._version import __version__
+from ..info import gpu_peak_bandwidth_gbps
+
+# suite name -> module defining cases(device, quick)
+SUITES = {
+    "group_norm": "fastgen.bench.group_norm",
+}
+
+
+@dataclass
+class Case:
+    suite: str
+    name: str
+    params: dict
+    candidate: Callable[[], object]
+    baselines: dict[str, Callable[[], object]]
+    # Minimum bytes the fused kernel must move (one read of each input, one
+    # write of each output), for the fraction of peak bandwidth on a GPU.
+    bytes_moved: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+
+def time_ms(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median wall time of ``fn`` in ms (torch.utils.benchmark syncs CUDA)."""
+    fn()  # warm-up: first-call compilation, allocator growth, autotuning
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run_case(case: Case, min_run_time: float, peak_gbps: Optional[float]) -> dict:
+    row = {"suite": case.suite, "case": case.name, **case.params}
+    row["fastgen_ms"] = time_ms(case.candidate, min_run_time)
+    for name, fn in case.baselines.items():
+        ms = time_ms(fn, min_run_time)
+        row[f"{name}_ms"] = ms
+        row[f"speedup_vs_{name}"] = ms / row["fastgen_ms"]
+    if case.bytes_moved is not None:
+        gbps = case.bytes_moved / (row["fastgen_ms"] * 1e-3) / 1e9
+        row["fastgen_gbps"] = gbps
+        if peak_gbps:
+            row["fraction_of_peak_bandwidth"] = gbps / peak_gbps
+    return row
+
+
+def run_suites(
+    names: list[str],
+    device: torch.device,
+    quick: bool = False,
+    min_run_time: Optional[float] = None,
+    progress: bool = True,
+) -> list[dict]:
+    from tqdm import tqdm
+
+    min_run_time = min_run_time if min_run_time is not None else (0.05 if quick else 0.5)
+    peak = gpu_peak_bandwidth_gbps(device.index or 0) if device.type == "cuda" else None
+    cases: list[Case] = []
+    for name in names:
+        if name not in SUITES:
+            raise ValueError(f"unknown benchmark suite {name!r}: expected one of {', '.join(SUITES)}")
+        cases += importlib.import_module(SUITES[name]).cases(device, quick)
+    return [run_case(c, min_run_time, peak) for c in tqdm(cases, desc="bench", disable=not progress, leave=False)]
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(dict.fromkeys(k for r in rows for k in r if k != "suite"))
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+    table = [cols] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def save_results(rows: list[dict], suites: list[str], device: torch.device, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = device_name(device)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    path = out_dir / f"{'+'.join(suites)}-{slug}-{stamp:%Y%m%d-%H%M%S}.json"
+    payload = {
+        "suites": suites,
+        "device": name,
+        "date": stamp.isoformat(timespec="seconds"),
+        "fastgen": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "rows": rows,
+    }
+    path.write_text(json.dumps(payload, indent=1))
+    return path
