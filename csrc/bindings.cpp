@@ -34,8 +34,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("group_norm_fwd_cpu", &fastgen::group_norm_fwd_cpu);
   m.def("group_norm_bwd_cpu", &fastgen::group_norm_bwd_cpu);
+  m.def("sampling_step_cpu", &fastgen::sampling_step_cpu);
 #ifdef FASTGEN_WITH_CUDA
   m.def("group_norm_fwd_cuda", &fastgen::group_norm_fwd_cuda);
   m.def("group_norm_bwd_cuda", &fastgen::group_norm_bwd_cuda);
+  m.def("sampling_step_cuda", &fastgen::sampling_step_cuda);
 #endif
 }
