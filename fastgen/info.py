@@ -45,6 +45,18 @@ def gpu_peak_bandwidth_gbps(device: int = 0) -> Optional[float]:
     return None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (platform.processor() is empty on most Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _build_info() -> dict[str, Any]:
     path = Path(__file__).with_name("_build_info.json")
     try:
@@ -72,7 +84,7 @@ def info() -> dict[str, Any]:
             "nvcc_flags": build.get("nvcc_flags"),
             "omp_threads": ext.omp_max_threads() if ext is not None else None,
         },
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "backends": {
             "cpu": _backend.available_backends("cpu"),

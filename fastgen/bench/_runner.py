@@ -15,11 +15,12 @@ import torch
 from torch.utils import benchmark as tbench
 
 from .._version import __version__
-from ..info import gpu_peak_bandwidth_gbps
+from ..info import cpu_name, gpu_peak_bandwidth_gbps
 
 # suite name -> module defining cases(device, quick)
 SUITES = {
     "group_norm": "fastgen.bench.group_norm",
+    "sampling": "fastgen.bench.sampling",
 }
 
 
@@ -46,7 +47,7 @@ def time_ms(fn: Callable[[], object], min_run_time: float) -> float:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_name()} CPU, {torch.get_num_threads()} threads"
 
 
 def run_case(case: Case, min_run_time: float, peak_gbps: Optional[float]) -> dict:
