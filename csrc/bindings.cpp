@@ -35,9 +35,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_fwd_cpu", &fastgen::group_norm_fwd_cpu);
   m.def("group_norm_bwd_cpu", &fastgen::group_norm_bwd_cpu);
   m.def("sampling_step_cpu", &fastgen::sampling_step_cpu);
+  m.def("attention_fwd_cpu", &fastgen::attention_fwd_cpu);
+  m.def("attention_bwd_cpu", &fastgen::attention_bwd_cpu);
+  m.def("geglu_fwd_cpu", &fastgen::geglu_fwd_cpu);
+  m.def("geglu_bwd_cpu", &fastgen::geglu_bwd_cpu);
 #ifdef FASTGEN_WITH_CUDA
   m.def("group_norm_fwd_cuda", &fastgen::group_norm_fwd_cuda);
   m.def("group_norm_bwd_cuda", &fastgen::group_norm_bwd_cuda);
   m.def("sampling_step_cuda", &fastgen::sampling_step_cuda);
+  m.def("attention_fwd_cuda", &fastgen::attention_fwd_cuda);
+  m.def("geglu_fwd_cuda", &fastgen::geglu_fwd_cuda);
+  m.def("geglu_bwd_cuda", &fastgen::geglu_bwd_cuda);
 #endif
 }

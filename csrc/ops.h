@@ -84,3 +84,23 @@ std::tuple<at::Tensor, at::Tensor> sampling_step_cuda(
 #endif
 
 }  // namespace fastgen
+
+namespace fastgen {
+
+// GEGLU (fastgen/ops/geglu.py has the reference): x = [hidden, gate] along the
+// last dim, x of shape (..., 2H), float32/float16/bfloat16 (made contiguous if
+// it is not). Returns out = hidden * gelu(gate), shape (..., H), x's dtype,
+// contiguous; gelu is exact (erf), or the tanh approximation when
+// approximate_tanh. Math in fp32.
+at::Tensor geglu_fwd_cpu(const at::Tensor& x, bool approximate_tanh);
+// dout: (..., H), x's dtype. Returns dx (..., 2H) contiguous in x's dtype:
+// [dout * gelu(gate), dout * hidden * gelu'(gate)].
+at::Tensor geglu_bwd_cpu(const at::Tensor& dout, const at::Tensor& x, bool approximate_tanh);
+
+#ifdef FASTGEN_WITH_CUDA
+// Same contracts as the CPU entry points, for CUDA tensors.
+at::Tensor geglu_fwd_cuda(const at::Tensor& x, bool approximate_tanh);
+at::Tensor geglu_bwd_cuda(const at::Tensor& dout, const at::Tensor& x, bool approximate_tanh);
+#endif
+
+}  // namespace fastgen

@@ -19,6 +19,8 @@ from ..info import cpu_name, gpu_peak_bandwidth_gbps
 
 # suite name -> module defining cases(device, quick)
 SUITES = {
+    "attention": "fastgen.bench.attention",
+    "geglu": "fastgen.bench.geglu",
     "group_norm": "fastgen.bench.group_norm",
     "sampling": "fastgen.bench.sampling",
 }
@@ -57,6 +59,8 @@ def run_case(case: Case, min_run_time: float, peak_gbps: Optional[float]) -> dic
         ms = time_ms(fn, min_run_time)
         row[f"{name}_ms"] = ms
         row[f"speedup_vs_{name}"] = ms / row["fastgen_ms"]
+    if "flops" in case.extra:
+        row["fastgen_tflops"] = case.extra["flops"] / (row["fastgen_ms"] * 1e-3) / 1e12
     if case.bytes_moved is not None:
         gbps = case.bytes_moved / (row["fastgen_ms"] * 1e-3) / 1e9
         row["fastgen_gbps"] = gbps

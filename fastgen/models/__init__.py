@@ -1,5 +1,5 @@
 """fastgen's model building blocks and, in later releases, whole models."""
 
-from .blocks import GroupNorm
+from .blocks import Attention, GroupNorm
 
-__all__ = ["GroupNorm"]
+__all__ = ["Attention", "GroupNorm"]
