@@ -302,8 +302,8 @@ constexpr int64_t kStatBlock = 4096;
 // Minimum elements per parallel task, so tiny tensors do not pay for threads.
 constexpr int64_t kMinTaskElems = 16384;
 // Channels-last chunk: about this many elements, at least kMinChunkRows rows.
-constexpr int64_t kChunkElems = 32768;
-constexpr int64_t kMinChunkRows = 8;
+constexpr int64_t kChunkElems = 65536;
+constexpr int64_t kMinChunkRows = 16;
 
 // Count, mean and sum of squared deviations; merged with Chan et al.
 struct Moments {
