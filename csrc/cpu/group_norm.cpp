@@ -10,24 +10,30 @@
 //    global two-pass but reads the input from memory only once.
 //  * Channels-first (NCHW): a group is one contiguous range, so one task per
 //    (n, g) computes its statistics and then applies them while the group
-//    (40-160 KB for SD shapes) is still in L2. With fewer (n, g) pairs than
+//    (10-160 KB for SD shapes) is still in L2. With fewer (n, g) pairs than
 //    threads, a split path runs statistics blocks and (n, c) rows as
 //    separate tasks, with bit-identical results.
 //  * Channels-last (NHWC): a group is strided over every pixel, so tasks are
 //    (n, chunk of pixels). Per-chunk moments / gradient sums are stored per
 //    chunk (deterministic for any thread count) and merged before a second
-//    parallel pass vectorised along C.
+//    parallel pass vectorised along C. Inputs with S == 1 take this path too
+//    (both layouts coincide there, and rows of C channels vectorise).
 //  * The forward computes (x - mean) * (rstd * w) + b rather than the single
 //    FMA x * scale + shift: the subtraction is exact for inputs with a large
 //    mean, where x * scale + shift loses ~log2(|mean| / std) bits.
-//  * SiLU uses vexp below (no libm call), and on AVX-512 a Newton-refined
-//    reciprocal instead of a division.
+//  * Backward: per-channel sums of dz and dz * xhat (fp32 within a row or
+//    chunk, double across them), then dx = rstd * (w*dz - m1 - xhat*m2).
+//    Channels-first keeps dz in a per-thread scratch between the two passes
+//    (SiLU' evaluated once); channels-last recomputes it in the dx pass.
+//  * SiLU uses vexp_neg below (no libm call), and on AVX-512 a
+//    Newton-refined reciprocal instead of a division.
 
-// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized on their own
-// _mm512_undefined_* temporaries (GCC PR 105593); it has to precede the first
-// (indirect) include of those headers to take effect.
+// GCC 12's AVX-512 intrinsic headers trip -W(maybe-)uninitialized on their
+// own _mm512_undefined_* temporaries (GCC PR 105593); the pragma has to
+// precede the first (indirect) include of those headers to take effect.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #include "ops.h"
@@ -115,10 +121,15 @@ FG_INLINE vfloat vrcp(vfloat d) {
 #endif
 }
 
-inline double hsum(vfloat v) {
-  double s = 0.0;
+// Sum of the lanes (a shuffle tree on AVX-512: short rows call this often).
+FG_INLINE float hsum(vfloat v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#else
+  float s = 0.0f;
   for (int64_t i = 0; i < kW; ++i) s += v[i];
   return s;
+#endif
 }
 
 // Lanes [0, n) keep v, the rest become 0 (for partial tail vectors).
@@ -334,8 +345,10 @@ struct Moments {
 template <typename T>
 Moments block_moments(const T* x, int64_t n) {
   vfloat s[4] = {};
-  for_vectors(n, [&](int64_t i, int64_t cnt, auto k) FG_INLINE_LAMBDA { s[k] += load_n(x + i, cnt); });
-  const float m = static_cast<float>(hsum((s[0] + s[1]) + (s[2] + s[3])) / n);
+  for_vectors(n, [&](int64_t i, int64_t cnt, auto k) FG_INLINE_LAMBDA {
+    s[k] += load_n(x + i, cnt);
+  });
+  const float m = hsum((s[0] + s[1]) + (s[2] + s[3])) / static_cast<float>(n);
   const vfloat vm = splat(m);
   vfloat d[4] = {}, q[4] = {};
   for_vectors(n, [&](int64_t i, int64_t cnt, auto k) FG_INLINE_LAMBDA {

@@ -34,6 +34,7 @@ def _loop_fastgen(sched, steps, x0, model_output, guidance):
         sched.set_timesteps(steps)
         x = x0
         for t in sched.timesteps:
+            sched.scale_model_input(x, t)  # what a pipeline calls before its U-Net
             x = sched.step(model_output, t, x, guidance_scale=guidance).prev_sample
         return x
 
@@ -47,6 +48,7 @@ def _loop_diffusers(sched, steps, x0, model_output, guidance):
         sched.set_timesteps(steps)
         x = x0
         for t in sched.timesteps:
+            sched.scale_model_input(x, t)
             out = model_output
             if guidance is not None:
                 uncond, cond = model_output[:n], model_output[n:]
