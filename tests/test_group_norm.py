@@ -297,3 +297,13 @@ def test_gpu_forward_backward(backend, dtype, layout):
     e = _grads(lambda x, w, b, r: _torch_eager(x, groups, w, b, "silu", r), x.float(), w.float(), b.float(), r.float(), dy.float())
     for got, ref in zip(g, e):
         torch.testing.assert_close(got.float(), ref, rtol=5e-2 if dtype in LOWP else 1e-3, atol=5e-2 if dtype in LOWP else 1e-3)
+
+
+@pytest.mark.parametrize("backend", all_backends())
+def test_inference_fast_path_matches_custom_op(backend):
+    # Without autograd or torch.compile the op skips the custom-op dispatch;
+    # both paths must run the same kernel and give identical results.
+    x, w, b, r = _inputs((2, 12, 5, 4), torch.float32, residual=True)
+    fast = group_norm(x, 3, w, b, activation="silu", residual=r, backend=backend)
+    via_op, _, _ = _group_norm_op(x, w, b, r, 3, 1e-5, True, backend)
+    assert torch.equal(fast, via_op)
