@@ -23,8 +23,9 @@
 //    mean, where x * scale + shift loses ~log2(|mean| / std) bits.
 //  * Backward: per-channel sums of dz and dz * xhat (fp32 within a row or
 //    chunk, double across them), then dx = rstd * (w*dz - m1 - xhat*m2).
-//    Channels-first keeps dz in a per-thread scratch between the two passes
-//    (SiLU' evaluated once); channels-last recomputes it in the dx pass.
+//    dz is kept in an fp32 scratch between the two passes (SiLU' evaluated
+//    once): per thread and group for channels-first, for the whole tensor
+//    for channels-last (up to 16 MB, beyond that SiLU' is recomputed).
 //  * SiLU uses vexp_neg below (no libm call), and on AVX-512 a
 //    Newton-refined reciprocal instead of a division.
 
@@ -409,18 +410,47 @@ inline void bwd_row_sums(const T* x, const T* dy, int64_t n, vfloat mean, vfloat
   sum_dz_xhat = hsum((c[0] + c[1]) + (c[2] + c[3]));
 }
 
-// Channels-last variant: accumulates per channel into sum_dz[i], sum_dz_xhat[i].
+// Channels-last variant over `nrows` rows of C channels: per-channel sums of
+// dz and dz * xhat into sum_dz[c], sum_dz_xhat[c] (and dz into dz_out with
+// the same layout as x, when non-null). U vectors of channels keep their
+// accumulators in registers while the rows stream past.
+template <typename T, bool kSilu, int U>
+FG_INLINE void bwd_column_block(const T* x, const T* dy, int64_t nrows, int64_t C,
+                                const float* mean, const float* rstd, const float* w,
+                                const float* b, float* sum_dz, float* sum_dz_xhat,
+                                float* dz_out, int64_t last) {
+  auto cnt = [last](int k) { return k == U - 1 ? last : kW; };
+  vfloat a[U] = {}, c[U] = {};
+  for (int64_t row = 0; row < nrows; ++row)
+    for (int k = 0; k < U; ++k) {
+      const int64_t i = k * kW, o = row * C + i;
+      const vfloat xh =
+          (load_n(x + o, cnt(k)) - load_n(mean + i, cnt(k))) * load_n(rstd + i, cnt(k));
+      const vfloat dz = grad_z<kSilu>(load_n(dy + o, cnt(k)), xh, load_n(w + i, cnt(k)),
+                                      load_n(b + i, cnt(k)));
+      if (dz_out) store_n(dz_out + o, dz, cnt(k));
+      a[k] += dz;
+      c[k] = vfma(dz, xh, c[k]);
+    }
+  for (int k = 0; k < U; ++k) {
+    store_n(sum_dz + k * kW, a[k], cnt(k));
+    store_n(sum_dz_xhat + k * kW, c[k], cnt(k));
+  }
+}
+
 template <typename T, bool kSilu>
-inline void bwd_row_sums_cl(const T* x, const T* dy, int64_t n, const float* mean,
-                            const float* rstd, const float* w, const float* b,
-                            float* sum_dz, float* sum_dz_xhat) {
-  for_vectors(n, [&](int64_t i, int64_t cnt, auto) FG_INLINE_LAMBDA {
-    const vfloat xh = (load_n(x + i, cnt) - load_n(mean + i, cnt)) * load_n(rstd + i, cnt);
-    const vfloat dz = grad_z<kSilu>(load_n(dy + i, cnt), xh, load_n(w + i, cnt),
-                                    load_n(b + i, cnt));
-    store_n(sum_dz + i, load_n(sum_dz + i, cnt) + dz, cnt);
-    store_n(sum_dz_xhat + i, vfma(dz, xh, load_n(sum_dz_xhat + i, cnt)), cnt);
-  });
+void bwd_chunk_sums_cl(const T* x, const T* dy, int64_t nrows, int64_t C, const float* mean,
+                       const float* rstd, const float* w, const float* b, float* sum_dz,
+                       float* sum_dz_xhat, float* dz_out) {
+  int64_t c0 = 0;
+  for (; c0 + 4 * kW <= C; c0 += 4 * kW)
+    bwd_column_block<T, kSilu, 4>(x + c0, dy + c0, nrows, C, mean + c0, rstd + c0, w + c0,
+                                  b + c0, sum_dz + c0, sum_dz_xhat + c0,
+                                  dz_out ? dz_out + c0 : nullptr, kW);
+  for (; c0 < C; c0 += kW)
+    bwd_column_block<T, kSilu, 1>(x + c0, dy + c0, nrows, C, mean + c0, rstd + c0, w + c0,
+                                  b + c0, sum_dz + c0, sum_dz_xhat + c0,
+                                  dz_out ? dz_out + c0 : nullptr, std::min(kW, C - c0));
 }
 
 // dx = rstd * (w*dz - m1 - xhat*m2), m1 = mean_g(w*dz), m2 = mean_g(w*dz*xhat).
@@ -510,6 +540,9 @@ void fwd_cf_split(const T* x, const T* r, T* y, const float* w, const float* b,
 // Largest group whose dz is kept in a per-thread fp32 scratch between the two
 // backward passes (1 MB: within L2); larger groups recompute SiLU'.
 constexpr int64_t kMaxDzScratch = 1 << 18;
+// Channels-last must keep dz for the whole tensor (pass 2 needs every chunk's
+// sums first): worth it while that fp32 scratch (16 MB) can stay in L3.
+constexpr int64_t kMaxDzScratchCl = 1 << 22;
 
 // -m1 and -m2 of one group (see bwd_row_dx) from its per-channel sums.
 struct GroupGrad {
@@ -577,12 +610,16 @@ void bwd_cf(const T* dy, const T* x, T* dx, const float* w, const float* b,
 
 // ------------------------------------------------------ channels-last paths
 
-// x viewed as (N, S, C): rows of C channels, split into chunks of rows.
+// x viewed as (N, S, C): rows of C channels, split into per_n chunks of about
+// kChunkElems elements per sample, with sizes evened out (no 1-row tail
+// chunk paying the per-chunk group bookkeeping on its own).
 struct Chunks {
   int64_t rows, per_n;
-  explicit Chunks(const Shape& sh)
-      : rows(std::max(kMinChunkRows, kChunkElems / std::max<int64_t>(sh.C, 1))),
-        per_n((sh.S + rows - 1) / rows) {}
+  explicit Chunks(const Shape& sh) {
+    const int64_t target = std::max(kMinChunkRows, kChunkElems / std::max<int64_t>(sh.C, 1));
+    per_n = std::max<int64_t>(1, (sh.S + target - 1) / target);
+    rows = std::max<int64_t>(1, (sh.S + per_n - 1) / per_n);
+  }
   int64_t grain(const Shape& sh) const { return grain_for(rows * sh.C); }
   // Task t covers rows [begin, end) of sample n.
   int64_t n(int64_t t) const { return t / per_n; }
@@ -616,9 +653,10 @@ void column_sums(const T* x, int64_t nrows, int64_t C, const float* center, floa
                  float* sq) {
   int64_t c0 = 0;
   for (; c0 + 4 * kW <= C; c0 += 4 * kW)
-    column_block<T, kSq, 4>(x + c0, nrows, C, center + c0, sum + c0, sq + c0, kW);
+    column_block<T, kSq, 4>(x + c0, nrows, C, center + c0, sum + c0, kSq ? sq + c0 : nullptr,
+                            kW);
   for (; c0 < C; c0 += kW)
-    column_block<T, kSq, 1>(x + c0, nrows, C, center + c0, sum + c0, sq + c0,
+    column_block<T, kSq, 1>(x + c0, nrows, C, center + c0, sum + c0, kSq ? sq + c0 : nullptr,
                             std::min(kW, C - c0));
 }
 
@@ -679,7 +717,8 @@ void fwd_cl(const T* x, const T* r, T* y, const float* w, const float* b,
   }
   const std::vector<float> mean_c = expand_groups(mean, sh);
   std::vector<float> scale_c = expand_groups(rstd, sh);
-  for (int64_t i = 0; i < sh.N * C; ++i) scale_c[i] *= w[i % C];
+  for (int64_t n = 0; n < sh.N; ++n)
+    for (int64_t c = 0; c < C; ++c) scale_c[n * C + c] *= w[c];
 
   at::parallel_for(0, sh.N * ch.per_n, ch.grain(sh), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -701,17 +740,20 @@ void bwd_cl(const T* dy, const T* x, T* dx, const float* w, const float* b,
   const Chunks ch(sh);
   const std::vector<float> mean_c = expand_groups(mean, sh), rstd_c = expand_groups(rstd, sh);
 
-  // Pass 1: per-chunk, per-channel sums of dz and dz * xhat.
-  std::vector<float> part(sh.N * ch.per_n * 2 * C, 0.0f);
+  // Pass 1: per-chunk, per-channel sums of dz and dz * xhat. With SiLU and a
+  // tensor small enough to stay in cache, dz is kept for pass 2 as well.
+  const bool keep_dz = kSilu && sh.N * S * C <= kMaxDzScratchCl;
+  at::Tensor dz_all;  // same (n, s, c) indexing as x
+  if (keep_dz) dz_all = at::empty({sh.N * S * C}, at::kFloat);
+  float* dzp = keep_dz ? dz_all.mutable_data_ptr<float>() : nullptr;
+  std::vector<float> part(sh.N * ch.per_n * 2 * C);
   at::parallel_for(0, sh.N * ch.per_n, ch.grain(sh), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       float* p = part.data() + t * 2 * C;
-      const int64_t n = ch.n(t);
-      for (int64_t s = ch.begin(t); s < ch.end(t, S); ++s) {
-        const int64_t off = (n * S + s) * C;
-        bwd_row_sums_cl<T, kSilu>(x + off, dy + off, C, mean_c.data() + n * C,
-                                  rstd_c.data() + n * C, w, b, p, p + C);
-      }
+      const int64_t n = ch.n(t), off = (n * S + ch.begin(t)) * C;
+      bwd_chunk_sums_cl<T, kSilu>(x + off, dy + off, ch.end(t, S) - ch.begin(t), C,
+                                  mean_c.data() + n * C, rstd_c.data() + n * C, w, b, p,
+                                  p + C, keep_dz ? dzp + off : nullptr);
     }
   });
 
@@ -742,9 +784,14 @@ void bwd_cl(const T* dy, const T* x, T* dx, const float* w, const float* b,
       const int64_t pc = ch.n(t) * C;
       for (int64_t s = ch.begin(t); s < ch.end(t, S); ++s) {
         const int64_t off = (ch.n(t) * S + s) * C;
-        bwd_row_dx<T, kSilu, T, const float*>(x + off, dy + off, dx + off, C,
-                                              mean_c.data() + pc, rstd_c.data() + pc, w, b,
-                                              nm1_c.data() + pc, nm2_c.data() + pc);
+        if (keep_dz)
+          bwd_row_dx<T, false, float, const float*>(x + off, dzp + off, dx + off, C,
+                                                    mean_c.data() + pc, rstd_c.data() + pc,
+                                                    w, b, nm1_c.data() + pc, nm2_c.data() + pc);
+        else
+          bwd_row_dx<T, kSilu, T, const float*>(x + off, dy + off, dx + off, C,
+                                                mean_c.data() + pc, rstd_c.data() + pc, w, b,
+                                                nm1_c.data() + pc, nm2_c.data() + pc);
       }
     }
   });
