@@ -13,18 +13,20 @@ def check_tensor(name: str, t) -> None:
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> None:
-    allowed = tuple(allowed)
-    if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
+    if t.dtype in allowed:
+        return
+    names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+    raise TypeError(f"{name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {k: v.device for k, v in present.items()}
-    first_name, first = next(iter(devices.items()))
-    for name, dev in devices.items():
-        if dev != first:
+    first_name, first = None, None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first_name, first = name, t.device
+        elif t.device != first:
             raise ValueError(
-                f"all tensors must be on one device: {first_name} is on {first}, {name} is on {dev}"
+                f"all tensors must be on one device: {first_name} is on {first}, {name} is on {t.device}"
             )
