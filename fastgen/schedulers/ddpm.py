@@ -110,12 +110,14 @@ class DDPMScheduler(VPScheduler):
         """The timestep after ``timestep`` in the schedule (-1 after the last)."""
         t = self._integer_timestep(timestep)
         i = self._index[t]
-        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+        ts = self._floats("timesteps")
+        return int(ts[i + 1]) if i + 1 < len(ts) else -1
 
     def _levels(self, t: int) -> tuple[Level, Level]:
         prev = self.previous_timestep(t)
-        nxt = vp_level(self.alphas_cumprod[prev]) if prev >= 0 else Level(1.0, 0.0)
-        return vp_level(self.alphas_cumprod[t]), nxt
+        abar = self._floats("alphas_cumprod")
+        nxt = vp_level(abar[prev]) if prev >= 0 else Level(1.0, 0.0)
+        return vp_level(abar[t]), nxt
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True, *,
              guidance_scale: Optional[float] = None):

@@ -148,6 +148,14 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             return np.arange(last, 0, -T / n).round().astype(np.int64) - 1
         return spaced_timesteps(n, T, cfg.timestep_spacing)  # raises the unknown-spacing error
 
+    def _vp_levels(self) -> list:
+        """The VP level of every sigma, rebuilt with the sigma list (see ``_floats``)."""
+        sigmas = self._floats("sigmas")
+        cached = self.__dict__.get("_vp_level_cache")
+        if cached is None or cached[0] is not sigmas:
+            cached = self._vp_level_cache = (sigmas, [vp_level_from_sigma(s) for s in sigmas])
+        return cached[1]
+
     def scale_model_input(self, sample: Tensor, *args, **kwargs) -> Tensor:
         """The sample goes to the model unscaled."""
         return sample
@@ -162,11 +170,11 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         i = self._enter_step(timestep)
         if model_output.shape[1] != sample.shape[1]:  # learned variance: keep the eps half
             model_output = model_output[:, : sample.shape[1]].contiguous()
-        n = len(self.timesteps)
+        n = len(self._floats("timesteps"))
         k = dpm_solver_order(i, n, cfg.solver_order, self.lower_order_nums, lower_order_final=cfg.lower_order_final,
                              euler_at_final=cfg.euler_at_final, final_sigma_zero=cfg.final_sigmas_type == "zero")
-        level = lambda j: vp_level_from_sigma(float(self.sigmas[j]))  # noqa: E731
-        cur = level(i)
+        levels_all = self._vp_levels()
+        cur = levels_all[i]
         c0, c1 = x0_coeffs(cfg.prediction_type, cur)
         pred = Prediction(model_output, c0, c1, guidance_scale)
         sde = cfg.algorithm_type == "sde-dpmsolver++"
@@ -177,9 +185,9 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             else:
                 noise = self._noise_for(generator).randn(sample.shape, sample.device, torch.float32)
             noise = noise.to(sample.dtype)
-        levels = [cur] + [level(i - j) for j in (1, 2) if i - j >= 0]
+        levels = [cur] + [levels_all[i - j] for j in (1, 2) if i - j >= 0]
         history = [m for m in self.model_outputs[::-1] if m is not None]  # newest first: m1, m2
-        prev_sample, x0 = dpmpp_step(pred, sample, level(i + 1), levels, history, order=k,
+        prev_sample, x0 = dpmpp_step(pred, sample, levels_all[i + 1], levels, history, order=k,
                                      solver_type=cfg.solver_type, sde=sde, noise=noise)
         self.model_outputs = self.model_outputs[1:] + [x0]
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)

@@ -76,7 +76,7 @@ class SigmaTableScheduler(SigmaSchedulerBase):
         """The model sees the VP sample ``x / sqrt(sigma^2 + 1)``."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        sigma = float(self.sigmas[self._step_index])
+        sigma = self._floats("sigmas")[self._step_index]
         self.is_scale_input_called = True
         return sample / math.sqrt(sigma * sigma + 1)
 
@@ -161,8 +161,8 @@ class EulerDiscreteScheduler(SigmaTableScheduler):
         self._reject_integer_timestep(timestep, type(self).__name__)
         self._check_step_inputs(model_output, sample, guidance_scale)
         i = self._enter_step(timestep)
-        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma, sigma_next = self._floats("sigmas")[i : i + 2]
+        gamma = min(s_churn / (len(self._floats("sigmas")) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
             z = self._noise_for(generator).randn(sample.shape, sample.device, model_output.dtype)

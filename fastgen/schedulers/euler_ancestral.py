@@ -51,7 +51,7 @@ class EulerAncestralDiscreteScheduler(SigmaTableScheduler):
         self._reject_integer_timestep(timestep, type(self).__name__)
         self._check_step_inputs(model_output, sample, guidance_scale)
         i = self._enter_step(timestep)
-        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        sigma, sigma_next = self._floats("sigmas")[i : i + 2]
         pred = self._x0(model_output, sigma, guidance_scale)
         z = self._noise_for(generator).randn(sample.shape, sample.device, model_output.dtype)
         prev_sample, x0 = euler_ancestral_step(pred, sample, sigma, sigma_next, noise=z, return_x0=True)

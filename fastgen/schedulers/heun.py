@@ -76,12 +76,12 @@ class HeunDiscreteScheduler(SigmaTableScheduler):
         i = self._enter_step(timestep)
         clip = float(self.config.clip_sample_range) if self.config.clip_sample else None
         if self.state_in_first_order:
-            sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+            sigma, sigma_next = self._floats("sigmas")[i : i + 2]
             pred = self._x0(model_output, sigma, guidance_scale)
             prev_sample, x0 = euler_step(pred, sample, sigma, sigma_next, clip=clip, return_x0=True)
             self.sample, self._x0_first, self.dt = sample, x0, sigma_next - sigma
         else:
-            sigma, sigma_next = float(self.sigmas[i - 1]), float(self.sigmas[i])
+            sigma, sigma_next = self._floats("sigmas")[i - 1 : i + 1]
             pred = self._x0(model_output, sigma_next, guidance_scale)
             prev_sample, x0 = heun_correct_step(pred, sample, self.sample, self._x0_first, sigma, sigma_next,
                                                 clip=clip, return_x0=True)
