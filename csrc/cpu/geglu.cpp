@@ -46,6 +46,8 @@
 //    into FMAs, which only helps here.
 
 #include "ops.h"
+#include "cpu/convert.h"
+#include "geglu_args.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -76,17 +78,8 @@ constexpr int64_t kGrainElems = 16384;
 
 // ------------------------------------------------------------------ math
 
-FG_GEGLU_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-FG_GEGLU_INLINE uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
+using convert::bits_to_float;
+using convert::float_to_bits;
 
 // e^x for x <= 0, ~1 ulp (Cody-Waite reduction, Cephes' expf polynomial);
 // 0 for x < -87 (results below 1.6e-38 flush to zero, -inf included); NaN for
@@ -199,72 +192,9 @@ void bwd_block(const float* __restrict dout, const float* __restrict h, const fl
   }
 }
 
-// ------------------------------------------------------------- dtype I/O
-
-// n fp32 values from src (src itself for fp32).
-FG_GEGLU_INLINE const float* load(const float* src, int64_t, float*) { return src; }
-
-FG_GEGLU_INLINE const float* load(const c10::BFloat16* src, int64_t n, float* buf) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) buf[i] = bits_to_float(static_cast<uint32_t>(s[i]) << 16);
-  return buf;
-}
-
-FG_GEGLU_INLINE const float* load(const c10::Half* src, int64_t n, float* buf) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(h));
-  }
-#elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(h));
-  }
-#endif
-  for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-  return buf;
-}
-
-// Where to compute an output block: in place for fp32, else the buffer.
-FG_GEGLU_INLINE float* out_ptr(float* dst, float*) { return dst; }
-FG_GEGLU_INLINE float* out_ptr(c10::BFloat16*, float* buf) { return buf; }
-FG_GEGLU_INLINE float* out_ptr(c10::Half*, float* buf) { return buf; }
-
-// Writes a computed block back (nothing to do for fp32, computed in place).
-FG_GEGLU_INLINE void store(const float*, float*, int64_t) {}
-
-FG_GEGLU_INLINE void store(const float* buf, c10::BFloat16* dst, int64_t n) {
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  // Round to nearest even; NaN stays a quiet NaN instead of becoming inf.
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, &buf[i], sizeof(u));
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    d[i] = nan ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
-  }
-}
-
-FG_GEGLU_INLINE void store(const float* buf, c10::Half* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(buf + i),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
-  }
-#elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(buf + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-  }
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(buf[i]);
-}
+using convert::load;
+using convert::out_ptr;
+using convert::store;
 
 // ------------------------------------------------------------- drivers
 
@@ -334,28 +264,12 @@ void dispatch_dtype(at::ScalarType dt, F&& f) {
   }
 }
 
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), kName, ": x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() >= 1, kName, ": x must have at least one dim");
-  TORCH_CHECK(x.size(-1) % 2 == 0, kName, ": the last dim of x must be even (2 * H), got ",
-              x.size(-1));
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kName,
-              ": x must be float32, float16 or bfloat16, got ", dt);
-}
-
-std::vector<int64_t> half_sizes(const at::Tensor& x) {
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes.back() /= 2;
-  return sizes;
-}
-
 }  // namespace
 
 at::Tensor geglu_fwd_cpu(const at::Tensor& x_in, bool approximate_tanh) {
-  check_x(x_in);
+  check_geglu_x(kName, x_in, c10::DeviceType::CPU);
   const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty(half_sizes(x), x.options());
+  at::Tensor out = at::empty(geglu_half_sizes(x), x.options());
   const int64_t H = x.size(-1) / 2;
   if (out.numel() == 0) return out;
   const Plan p = plan(out.numel() / H, H);
@@ -371,14 +285,8 @@ at::Tensor geglu_fwd_cpu(const at::Tensor& x_in, bool approximate_tanh) {
 
 at::Tensor geglu_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& x_in,
                          bool approximate_tanh) {
-  check_x(x_in);
-  TORCH_CHECK(dout_in.device().is_cpu(), kName, ": dout must be a CPU tensor, got ",
-              dout_in.device());
-  TORCH_CHECK(dout_in.scalar_type() == x_in.scalar_type(), kName, ": dout must have x's dtype ",
-              x_in.scalar_type(), ", got ", dout_in.scalar_type());
-  TORCH_CHECK(dout_in.sizes() == at::IntArrayRef(half_sizes(x_in)), kName,
-              ": dout must have shape x.shape[:-1] + (x.shape[-1] // 2,), got ", dout_in.sizes(),
-              " for x of shape ", x_in.sizes());
+  check_geglu_x(kName, x_in, c10::DeviceType::CPU);
+  check_geglu_dout(kName, dout_in, x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dout = dout_in.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());

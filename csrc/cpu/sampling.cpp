@@ -30,6 +30,8 @@
 //    out and x0 get sample's layout.
 
 #include "ops.h"
+#include "cpu/convert.h"
+#include "sampling_args.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -59,76 +61,11 @@ constexpr int64_t kBlock = 512;
 // Minimum blocks per parallel task (16K elements), so that small tensors do
 // not pay for waking threads.
 constexpr int64_t kGrainBlocks = 32;
-constexpr int kNumCoeffs = 7;
+constexpr int kNumCoeffs = kSamplingNumCoeffs;
 
-// ------------------------------------------------------------- dtype I/O
-
-// Returns n fp32 values starting at element `off` of src (src itself for fp32).
-const float* load(const void* src, at::ScalarType dt, int64_t off, int64_t n, float* buf) {
-  if (dt == at::kFloat) return static_cast<const float*>(src) + off;
-  if (dt == at::kBFloat16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src) + off;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
-      std::memcpy(&buf[i], &bits, sizeof(float));
-    }
-    return buf;
-  }
-  const c10::Half* s = static_cast<const c10::Half*>(src) + off;
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
-    _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(h));
-  }
-#elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
-    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(h));
-  }
-#endif
-  for (; i < n; ++i) buf[i] = static_cast<float>(s[i]);
-  return buf;
-}
-
-// Where to compute an output block: in place for fp32, else the buffer.
-float* out_ptr(void* dst, at::ScalarType dt, int64_t off, float* buf) {
-  return dt == at::kFloat ? static_cast<float*>(dst) + off : buf;
-}
-
-// Writes a computed block back (a no-op for fp32, computed in place).
-void store(const float* buf, void* dst, at::ScalarType dt, int64_t off, int64_t n) {
-  if (dt == at::kFloat) return;
-  if (dt == at::kBFloat16) {
-    uint16_t* d = static_cast<uint16_t*>(dst) + off;
-    // Round to nearest even; NaN stays a quiet NaN instead of becoming inf.
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t u;
-      std::memcpy(&u, &buf[i], sizeof(u));
-      const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-      const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-      d[i] = nan ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
-    }
-    return;
-  }
-  c10::Half* d = static_cast<c10::Half*>(dst) + off;
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(buf + i),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), h);
-  }
-#elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(buf + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), h);
-  }
-#endif
-  for (; i < n; ++i) d[i] = static_cast<c10::Half>(buf[i]);
-}
+using convert::load;
+using convert::out_ptr;
+using convert::store;
 
 // ------------------------------------------------------------- inner loop
 
@@ -197,39 +134,6 @@ constexpr std::array<StepFn, sizeof...(I)> make_table(std::index_sequence<I...>)
 constexpr std::array<StepFn, kNumVariants> kStepTable =
     make_table(std::make_index_sequence<kNumVariants>{});
 
-// ------------------------------------------------------------- layout
-
-// Dense, non-overlapping, batch dim outermost (so sample n occupies elements
-// [n*S, (n+1)*S) of memory). Contiguous and channels-last tensors qualify.
-bool batch_outer_dense(const at::Tensor& t, int64_t S) {
-  return t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) == S);
-}
-
-// Whether t (sizes as ref except possibly dim 0) has ref's memory order.
-bool same_layout(const at::Tensor& t, const at::Tensor& ref, int64_t S) {
-  if (t.size(0) > 1 && t.stride(0) != S) return false;
-  for (int64_t d = 1; d < t.dim(); ++d)
-    if (t.size(d) > 1 && t.stride(d) != ref.stride(d)) return false;
-  return true;
-}
-
-// t itself when it has ref's memory order, else a copy in that order.
-at::Tensor in_layout(const at::Tensor& t, const at::Tensor& ref, int64_t S) {
-  if (same_layout(t, ref, S)) return t;
-  std::vector<int64_t> strides(ref.strides().begin(), ref.strides().end());
-  strides[0] = S;
-  at::Tensor copy = at::empty_strided(t.sizes(), strides, t.options());
-  copy.copy_(t);
-  return copy;
-}
-
-void check_float(const at::Tensor& t, const char* name) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kName, ": expected ",
-              name, " of dtype float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(t.device().is_cpu(), kName, ": expected ", name, " on the CPU, got ", t.device());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sampling_step_cpu(
@@ -237,45 +141,14 @@ std::tuple<at::Tensor, at::Tensor> sampling_step_cpu(
     const std::optional<at::Tensor>& extra1, const std::optional<at::Tensor>& extra2,
     const std::optional<at::Tensor>& noise, std::optional<double> guidance_scale,
     std::optional<double> clip, bool return_x0) {
-  check_float(sample_in, "sample");
-  check_float(model_output, "model_output");
-  TORCH_CHECK(sample_in.dim() >= 1, kName, ": sample needs a batch dimension");
-  const int64_t N = sample_in.size(0);
-  const bool cfg = guidance_scale.has_value();
-  {
-    std::vector<int64_t> want(sample_in.sizes().begin(), sample_in.sizes().end());
-    if (cfg) want[0] *= 2;
-    TORCH_CHECK(model_output.sizes() == at::IntArrayRef(want), kName, ": expected model_output of shape ",
-                at::IntArrayRef(want), cfg ? " ([uncond; cond])" : "", ", got ", model_output.sizes());
-  }
-  TORCH_CHECK(coeffs_in.scalar_type() == at::kFloat && coeffs_in.device().is_cpu(), kName,
-              ": expected float32 CPU coeffs, got ", coeffs_in.scalar_type(), " on ",
-              coeffs_in.device());
-  const bool per_sample = coeffs_in.dim() == 2 && coeffs_in.size(0) == N &&
-                          coeffs_in.size(1) == kNumCoeffs;
-  const bool shared = coeffs_in.numel() == kNumCoeffs && coeffs_in.dim() <= 2 &&
-                      coeffs_in.size(-1) == kNumCoeffs;
-  TORCH_CHECK(per_sample || shared, kName, ": expected coeffs of shape (N, 7) with N=", N,
-              " (or (7,) / (1, 7)), got ", coeffs_in.sizes());
-  const at::Tensor coeffs = coeffs_in.contiguous();
-  const int64_t coeff_stride = per_sample && N > 1 ? kNumCoeffs : 0;
-
-  const int64_t numel = sample_in.numel();
-  const int64_t S = N > 0 ? numel / N : 0;
-  const at::Tensor sample = batch_outer_dense(sample_in, S) ? sample_in : sample_in.contiguous();
-  const at::Tensor mo = in_layout(model_output, sample, S);
-
-  const std::optional<at::Tensor>* opt[3] = {&extra1, &extra2, &noise};
-  const char* opt_names[3] = {"extra1", "extra2", "noise"};
-  at::Tensor extra[3];
-  for (int k = 0; k < 3; ++k) {
-    if (!opt[k]->has_value() || !(*opt[k])->defined()) continue;
-    const at::Tensor& t = **opt[k];
-    check_float(t, opt_names[k]);
-    TORCH_CHECK(t.sizes() == sample.sizes(), kName, ": expected ", opt_names[k], " of shape ",
-                sample.sizes(), ", got ", t.sizes());
-    extra[k] = in_layout(t, sample, S);
-  }
+  const SamplingStepArgs a = prepare_sampling_step(kName, c10::DeviceType::CPU, sample_in, model_output,
+                                                   coeffs_in, extra1, extra2, noise,
+                                                   guidance_scale.has_value());
+  const at::Tensor &sample = a.sample, &mo = a.model_output;
+  const at::Tensor* extra = a.extra;
+  const int64_t N = a.N, S = a.S, numel = sample.numel(), coeff_stride = a.coeff_stride;
+  const bool cfg = a.cfg;
+  const at::Tensor& coeffs = a.coeffs;
 
   at::Tensor out = at::empty_like(sample);
   at::Tensor x0 = return_x0 ? at::empty_like(sample) : at::Tensor();

@@ -42,28 +42,7 @@
 // Requires sm_80+ (cp.async, bf16 mma); device code for older targets traps.
 // Supported head dims: 32, 40, 64, 80, 96, 128, 160.
 
-// CPU-only torch wheels ship the c10/cuda headers but not the generated
-// c10/cuda/impl/cuda_cmake_macros.h (it only carries a Windows export macro);
-// skip it where it is missing so this file compiles against either.
-#if defined(__has_include)
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && \
-    !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#endif
-
-#include "ops.h"
-
-// Streams, guards and launch checks come from c10/cuda directly:
-// ATen/cuda/CUDAContext.h would also pull in the cuBLAS/cuSPARSE/cuSOLVER
-// headers, which this file does not need (and a bare toolkit may lack).
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "cuda/prelude.cuh"
 
 #include <algorithm>
 #include <cmath>

@@ -21,25 +21,8 @@
 //    cancellation in the negative tail); the tanh form as g * sigmoid(2u)
 //    through e = exp(-|2u|) <= 1 (no overflow, no cancellation), as on the CPU.
 
-// A CPU-only torch (used for compile-only checks) does not ship
-// c10/cuda/impl/cuda_cmake_macros.h; it only carries a Windows DLL-export
-// macro, so skipping it is harmless. A CUDA torch has it and is unaffected.
-#if defined(__has_include)
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#endif
-
-#include "ops.h"
-
-// c10 only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers, which a
-// CUDA toolkit without those libraries lacks.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "cuda/prelude.cuh"
+#include "geglu_args.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -214,29 +197,13 @@ void dispatch_dtype(at::ScalarType dt, F&& f) {
   }
 }
 
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), kName, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() >= 1, kName, ": x must have at least one dim");
-  TORCH_CHECK(x.size(-1) % 2 == 0, kName, ": the last dim of x must be even (2 * H), got ",
-              x.size(-1));
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kName,
-              ": x must be float32, float16 or bfloat16, got ", dt);
-}
-
-std::vector<int64_t> half_sizes(const at::Tensor& x) {
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes.back() /= 2;
-  return sizes;
-}
-
 }  // namespace
 
 at::Tensor geglu_fwd_cuda(const at::Tensor& x_in, bool approximate_tanh) {
-  check_x(x_in);
+  check_geglu_x(kName, x_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty(half_sizes(x), x.options());
+  at::Tensor out = at::empty(geglu_half_sizes(x), x.options());
   if (out.numel() == 0) return out;
   const int64_t H = x.size(-1) / 2;
   const int64_t M = out.numel() / H;
@@ -263,14 +230,8 @@ at::Tensor geglu_fwd_cuda(const at::Tensor& x_in, bool approximate_tanh) {
 
 at::Tensor geglu_bwd_cuda(const at::Tensor& dout_in, const at::Tensor& x_in,
                           bool approximate_tanh) {
-  check_x(x_in);
-  TORCH_CHECK(dout_in.device() == x_in.device(), kName, ": dout is on ", dout_in.device(),
-              ", x on ", x_in.device());
-  TORCH_CHECK(dout_in.scalar_type() == x_in.scalar_type(), kName, ": dout must have x's dtype ",
-              x_in.scalar_type(), ", got ", dout_in.scalar_type());
-  TORCH_CHECK(dout_in.sizes() == at::IntArrayRef(half_sizes(x_in)), kName,
-              ": dout must have shape x.shape[:-1] + (x.shape[-1] // 2,), got ", dout_in.sizes(),
-              " for x of shape ", x_in.sizes());
+  check_geglu_x(kName, x_in, c10::DeviceType::CUDA);
+  check_geglu_dout(kName, dout_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dout = dout_in.contiguous();

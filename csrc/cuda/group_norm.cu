@@ -47,29 +47,9 @@
 //  The price is one FSUB and one FMUL per element, free in a kernel that is
 //  bound by memory.
 
-// CPU-only torch wheels ship the c10/cuda headers but not the CMake-generated
-// c10/cuda/impl/cuda_cmake_macros.h (it only matters for Windows DLL exports).
-// Skip it when it is missing so this file also compiles against such a wheel
-// (e.g. a compile check on a machine without a GPU); a CUDA build of torch has
-// the file and is unaffected.
-#if defined(__has_include)
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#endif
+#include "cuda/prelude.cuh"
 
-#include "ops.h"
-
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-// Not ATen/cuda/CUDAContext.h: it pulls in cuBLAS/cuSPARSE/cuSOLVER headers,
-// which this file does not need and a bare CUDA toolkit may lack.
-// at::cuda::getCurrentCUDAStream is c10::cuda's, declared here.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <atomic>

@@ -30,25 +30,8 @@
 //    made contiguous); other tensors are used in place when their strides
 //    match and copied into sample's order otherwise. out/x0 get sample's layout.
 
-// A CPU-only torch (used for compile-only checks) does not ship
-// c10/cuda/impl/cuda_cmake_macros.h; it only carries a Windows DLL-export
-// macro, so skipping it is harmless. A CUDA torch has it and is unaffected.
-#if defined(__has_include)
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#endif
-
-#include "ops.h"
-
-// c10 only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers, which a
-// CUDA toolkit without those libraries lacks.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "cuda/prelude.cuh"
+#include "sampling_args.h"
 
 #include <algorithm>
 #include <array>
@@ -62,7 +45,7 @@ namespace {
 constexpr const char* kName = "fastgen sampling_step (cuda)";
 constexpr int kThreads = 256;
 constexpr int kVec = 8;
-constexpr int kNumCoeffs = 7;
+constexpr int kNumCoeffs = kSamplingNumCoeffs;
 constexpr int kMaxGridY = 65535;
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -247,36 +230,10 @@ std::array<KernelFn, sizeof...(I)> make_table(std::index_sequence<I...>) {
 
 // ------------------------------------------------------------- host helpers
 
-int dtype_code(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kF32;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    default:
-      TORCH_CHECK(false, kName, ": expected ", name, " of dtype float32, float16 or bfloat16, got ",
-                  t.scalar_type());
-  }
-  return kF32;
-}
-
-bool batch_outer_dense(const at::Tensor& t, int64_t S) {
-  return t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) == S);
-}
-
-bool same_layout(const at::Tensor& t, const at::Tensor& ref, int64_t S) {
-  if (t.size(0) > 1 && t.stride(0) != S) return false;
-  for (int64_t d = 1; d < t.dim(); ++d)
-    if (t.size(d) > 1 && t.stride(d) != ref.stride(d)) return false;
-  return true;
-}
-
-at::Tensor in_layout(const at::Tensor& t, const at::Tensor& ref, int64_t S) {
-  if (same_layout(t, ref, S)) return t;
-  std::vector<int64_t> strides(ref.strides().begin(), ref.strides().end());
-  strides[0] = S;
-  at::Tensor copy = at::empty_strided(t.sizes(), strides, t.options());
-  copy.copy_(t);
-  return copy;
+// The dtype was checked by prepare_sampling_step.
+int dtype_code(const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  return dt == at::kHalf ? kF16 : dt == at::kBFloat16 ? kBF16 : kF32;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -294,54 +251,20 @@ std::tuple<at::Tensor, at::Tensor> sampling_step_cuda(
     const std::optional<at::Tensor>& extra1, const std::optional<at::Tensor>& extra2,
     const std::optional<at::Tensor>& noise, std::optional<double> guidance_scale,
     std::optional<double> clip, bool return_x0) {
-  TORCH_CHECK(sample_in.is_cuda(), kName, ": expected CUDA tensors, got sample on ",
-              sample_in.device());
-  TORCH_CHECK(sample_in.dim() >= 1, kName, ": sample needs a batch dimension");
+  const SamplingStepArgs p = prepare_sampling_step(kName, c10::DeviceType::CUDA, sample_in, model_output,
+                                                   coeffs_in, extra1, extra2, noise,
+                                                   guidance_scale.has_value());
   const c10::cuda::CUDAGuard guard(sample_in.device());
   const auto device = sample_in.device();
+  const at::Tensor &sample = p.sample, &mo = p.model_output, &coeffs = p.coeffs;
+  const at::Tensor* extra = p.extra;
+  const int64_t N = p.N, S = p.S, numel = sample.numel();
+  const bool cfg = p.cfg;
   Args a{};
-  a.dx = dtype_code(sample_in, "sample");
-  a.du = dtype_code(model_output, "model_output");
-  TORCH_CHECK(model_output.device() == device, kName, ": model_output is on ",
-              model_output.device(), ", sample on ", device);
-  const int64_t N = sample_in.size(0);
-  const bool cfg = guidance_scale.has_value();
-  {
-    std::vector<int64_t> want(sample_in.sizes().begin(), sample_in.sizes().end());
-    if (cfg) want[0] *= 2;
-    TORCH_CHECK(model_output.sizes() == at::IntArrayRef(want), kName,
-                ": expected model_output of shape ", at::IntArrayRef(want),
-                cfg ? " ([uncond; cond])" : "", ", got ", model_output.sizes());
-  }
-  TORCH_CHECK(coeffs_in.scalar_type() == at::kFloat && coeffs_in.device() == device, kName,
-              ": expected float32 coeffs on ", device, ", got ", coeffs_in.scalar_type(), " on ",
-              coeffs_in.device());
-  const bool per_sample = coeffs_in.dim() == 2 && coeffs_in.size(0) == N &&
-                          coeffs_in.size(1) == kNumCoeffs;
-  const bool shared = coeffs_in.numel() == kNumCoeffs && coeffs_in.dim() <= 2 &&
-                      coeffs_in.size(-1) == kNumCoeffs;
-  TORCH_CHECK(per_sample || shared, kName, ": expected coeffs of shape (N, 7) with N=", N,
-              " (or (7,) / (1, 7)), got ", coeffs_in.sizes());
-  const at::Tensor coeffs = coeffs_in.contiguous();
-
-  const int64_t numel = sample_in.numel();
-  const int64_t S = N > 0 ? numel / N : 0;
-  const at::Tensor sample = batch_outer_dense(sample_in, S) ? sample_in : sample_in.contiguous();
-  const at::Tensor mo = in_layout(model_output, sample, S);
-
-  const std::optional<at::Tensor>* opt[3] = {&extra1, &extra2, &noise};
-  const char* names[3] = {"extra1", "extra2", "noise"};
-  at::Tensor extra[3];
-  for (int k = 0; k < 3; ++k) {
-    if (!opt[k]->has_value() || !(*opt[k])->defined()) continue;
-    const at::Tensor& t = **opt[k];
-    a.de[k] = dtype_code(t, names[k]);
-    TORCH_CHECK(t.device() == device, kName, ": ", names[k], " is on ", t.device(),
-                ", sample on ", device);
-    TORCH_CHECK(t.sizes() == sample.sizes(), kName, ": expected ", names[k], " of shape ",
-                sample.sizes(), ", got ", t.sizes());
-    extra[k] = in_layout(t, sample, S);
-  }
+  a.dx = dtype_code(sample);
+  a.du = dtype_code(mo);
+  for (int k = 0; k < 3; ++k)
+    if (extra[k].defined()) a.de[k] = dtype_code(extra[k]);
 
   at::Tensor out = at::empty_like(sample);
   at::Tensor x0 = return_x0 ? at::empty_like(sample) : at::Tensor();
@@ -357,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> sampling_step_cuda(
   a.N = N;
   a.S = S;
   a.cond_off = N * S;
-  a.coeff_stride = per_sample && N > 1 ? kNumCoeffs : 0;
+  a.coeff_stride = p.coeff_stride;
   a.g = cfg ? static_cast<float>(*guidance_scale) : 0.0f;
   a.hi = clip.has_value() ? static_cast<float>(*clip) : 0.0f;
   a.lo = -a.hi;

@@ -1,0 +1,26 @@
+// The torch and CUDA headers every .cu file of the extension starts with.
+#pragma once
+
+// A CPU-only torch wheel (used for the compile-only checks on machines without
+// a GPU) ships the c10/cuda headers but not the CMake-generated
+// c10/cuda/impl/cuda_cmake_macros.h, which only carries a Windows DLL-export
+// macro; skip it where it is missing. A CUDA build of torch has it.
+#if defined(__has_include)
+#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && \
+    !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
+#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
+#endif
+#endif
+
+#include "ops.h"
+
+// Streams, guards and launch checks come from c10/cuda directly:
+// ATen/cuda/CUDAContext.h would also pull in the cuBLAS/cuSPARSE/cuSOLVER
+// headers, which these kernels do not need (and a bare toolkit may lack).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
