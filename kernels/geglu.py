@@ -63,6 +63,26 @@ def _grid(meta):
     return (triton.cdiv(meta["M"], meta["BLOCK_M"]), triton.cdiv(meta["H"], meta["BLOCK_H"]))
 
 
+@triton.jit
+def _tile(M, H, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(rows, cols, mask) of this program's tile, broadcastable to
+    [BLOCK_M, BLOCK_H]; rows are int64 since M * 2H may exceed 2**31."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (rows < M)[:, None] & (cols < H)[None, :]
+    return rows.to(tl.int64)[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _load_halves(X, rows, cols, mask, H):
+    """(hidden, gate) of the tile in fp32, and the offsets in x of its hidden
+    half (the gate's are + H)."""
+    x_offs = rows * (2 * H) + cols
+    h = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(X + x_offs + H, mask=mask, other=0.0).to(tl.float32)
+    return h, g, x_offs
+
+
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.heuristics({"BLOCK_M": _block_m})
 @triton.jit
@@ -70,13 +90,8 @@ def _geglu_fwd_kernel(
     X, OUT, M, H,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, APPROX_TANH: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (rows < M)[:, None] & (cols < H)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x_offs = rows64 * (2 * H) + cols[None, :]
-    h = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(X + x_offs + H, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask = _tile(M, H, BLOCK_M, BLOCK_H)
+    h, g, _ = _load_halves(X, rows, cols, mask, H)
     if APPROX_TANH:
         two_u = _TWO_BETA * g * (1.0 + _KAPPA * g * g)
         e = tl.exp(-tl.abs(two_u))
@@ -85,7 +100,7 @@ def _geglu_fwd_kernel(
     else:
         gelu = g * (0.5 + 0.5 * tl.math.erf(g * _SQRT1_2))
     out = h * gelu
-    tl.store(OUT + rows64 * H + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows * H + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_CONFIGS, key=_KEY)
@@ -95,14 +110,9 @@ def _geglu_bwd_kernel(
     DOUT, X, DX, M, H,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, APPROX_TANH: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (rows < M)[:, None] & (cols < H)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x_offs = rows64 * (2 * H) + cols[None, :]
-    d = tl.load(DOUT + rows64 * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(X + x_offs + H, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask = _tile(M, H, BLOCK_M, BLOCK_H)
+    d = tl.load(DOUT + rows * H + cols, mask=mask, other=0.0).to(tl.float32)
+    h, g, x_offs = _load_halves(X, rows, cols, mask, H)
     if APPROX_TANH:
         g2 = g * g
         two_u = _TWO_BETA * g * (1.0 + _KAPPA * g2)

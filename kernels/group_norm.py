@@ -49,8 +49,9 @@ partials' layout must be known before launch, so the statistics kernels'
 chunking (and BLOCK_G, BLOCK_C) is chosen in Python, not by the autotuner.
 Under TRITON_INTERPRET=1 autotuning would run every config, so one fixed
 config with large tiles is used there: the interpreter pays per program and
-per op, hardly per element. Helper @jit functions are avoided for the same
-reason: every nested call re-patches triton.language in the interpreter.
+per op, hardly per element. For the same reason the kernels call their
+shared @jit helpers (inlined when compiled) once per program or per tile:
+under the interpreter every such call re-patches triton.language (~0.3 ms).
 """
 
 import functools
@@ -97,6 +98,64 @@ def _apply_block_s(args):
 
 
 # ----------------------------------------------------------------------------
+# Shared helpers (inlined by the compiler)
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_tile(n_sblocks, n_cblocks, n_gblocks, BLOCK_G: tl.constexpr):
+    """Program id -> (sample n, its groups g, t, channel block, spatial block),
+    t = channel block * n_sblocks + spatial block. A "spatial block" is a
+    BLOCK_S tile for the apply kernels and a chunk of tiles for the statistics
+    kernels, whose t is then the partial's index."""
+    pid = tl.program_id(0)
+    t = pid % (n_cblocks * n_sblocks)
+    nb = pid // (n_cblocks * n_sblocks)
+    n = nb // n_gblocks
+    cb = t // n_sblocks
+    sb = t % n_sblocks
+    g = (nb % n_gblocks) * BLOCK_G + tl.arange(0, BLOCK_G)
+    return n, g, t, cb, sb
+
+
+@triton.jit
+def _group_channels(g, g_mask, cb, C_PER_G, BLOCK_C: tl.constexpr):
+    """(c, mask): channel block cb of groups g as [BLOCK_G, BLOCK_C] channel
+    indices, masked by the real groups and channels per group."""
+    c_local = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    c = g[:, None] * C_PER_G + c_local
+    return c, g_mask[:, None] & (c_local < C_PER_G)
+
+
+@triton.jit
+def _tile_offsets(s_start, c, gc_mask, C, S, BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Offsets within one sample, and mask, of the [BLOCK_G, BLOCK_S, BLOCK_C]
+    tile of channels c at spatial positions s_start .. s_start + BLOCK_S."""
+    s = s_start + tl.arange(0, BLOCK_S)[None, :, None]
+    if CHANNELS_LAST:
+        offs = s * C + c[:, None, :]
+    else:
+        offs = c[:, None, :] * S + s
+    return offs, gc_mask[:, None, :] & (s < S)
+
+
+@triton.jit
+def _load_pivot(X, g, g_mask, C_PER_G, S, CHANNELS_LAST: tl.constexpr):
+    """The first element of each group g of the sample at X, in fp32."""
+    pivot = tl.load(X + g * C_PER_G * (1 if CHANNELS_LAST else S), mask=g_mask, other=0.0)
+    return pivot.to(tl.float32)
+
+
+@triton.jit
+def _silu_backward(dy, z):
+    """dy * silu'(z) = dy * sig(z) * (1 + z * (1 - sig(z))), sig via exp(-|z|)
+    so that it never overflows."""
+    e = tl.exp(-tl.abs(z))
+    sig = tl.where(z >= 0, 1.0, e) / (1.0 + e)
+    return dy * sig * (1.0 + z * (1.0 - sig))
+
+
+# ----------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------
 
@@ -109,39 +168,23 @@ def _gn_fwd_stats_kernel(
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
 ):
-    # program -> (n, group block, channel block, spatial chunk); p = partial index
-    pid = tl.program_id(0)
-    p = pid % (n_cblocks * n_chunks_s)
-    nb = pid // (n_cblocks * n_chunks_s)
-    n = nb // n_gblocks
-    cb = p // n_chunks_s
-    sc = p % n_chunks_s
+    n, g, p, cb, sc = _program_tile(n_chunks_s, n_cblocks, n_gblocks, BLOCK_G)
     s_begin = sc * TILES_PER_CHUNK * BLOCK_S
     n_tiles = tl.minimum(TILES_PER_CHUNK, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
-
-    g = (nb % n_gblocks) * BLOCK_G + tl.arange(0, BLOCK_G)
-    c_local = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c = g[:, None, None] * C_PER_G + c_local[None, None, :]
-    gc_mask = (g < G)[:, None, None] & (c_local < C_PER_G)[None, None, :]
+    g_mask = g < G
+    c, gc_mask = _group_channels(g, g_mask, cb, C_PER_G, BLOCK_C)
     n_ch = tl.minimum(C_PER_G - cb * BLOCK_C, BLOCK_C)
     X += n.to(tl.int64) * C * S
     # Statistics of x - pivot (the group's first element): partial means are
     # then O(std), not O(mean), so merging them in fp32 loses nothing even
     # when |mean| >> std.
-    g_mask = g < G
-    pivot = tl.load(X + g * C_PER_G * (1 if CHANNELS_LAST else S), mask=g_mask, other=0.0)
-    pivot = pivot.to(tl.float32)[:, None, None]
+    pivot = _load_pivot(X, g, g_mask, C_PER_G, S, CHANNELS_LAST)[:, None, None]
 
     count = tl.zeros([BLOCK_G], dtype=tl.float32)
     mean = tl.zeros([BLOCK_G], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
     for i in range(0, n_tiles):
-        s = s_begin + i * BLOCK_S + tl.arange(0, BLOCK_S)[None, :, None]
-        if CHANNELS_LAST:
-            offs = s * C + c
-        else:
-            offs = c * S + s
-        mask = gc_mask & (s < S)
+        offs, mask = _tile_offsets(s_begin + i * BLOCK_S, c, gc_mask, C, S, BLOCK_S, CHANNELS_LAST)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, x - pivot, 0.0)
         # Exact two-pass statistics of the tile (it is in registers anyway) ...
@@ -173,15 +216,7 @@ def _gn_fwd_apply_kernel(
     BLOCK_P: tl.constexpr, CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr,
     HAS_RES: tl.constexpr,
 ):
-    # program -> (n, group block, channel block, spatial block)
-    pid = tl.program_id(0)
-    n_sblocks = (S + BLOCK_S - 1) // BLOCK_S
-    t = pid % (n_cblocks * n_sblocks)
-    nb = pid // (n_cblocks * n_sblocks)
-    n = nb // n_gblocks
-    cb = t // n_sblocks
-    sb = t % n_sblocks
-    g = (nb % n_gblocks) * BLOCK_G + tl.arange(0, BLOCK_G)
+    n, g, t, cb, sb = _program_tile((S + BLOCK_S - 1) // BLOCK_S, n_cblocks, n_gblocks, BLOCK_G)
     g_mask = g < G
 
     # Merge the groups' partial statistics: with M = sum(n_i m_i) / sum(n_i),
@@ -200,25 +235,17 @@ def _gn_fwd_apply_kernel(
     var = tl.sum(p_m2 + p_count * dm * dm, axis=1) / count
     rstd = 1.0 / tl.sqrt(var + eps)
     base = n.to(tl.int64) * C * S
-    pivot = tl.load(X + base + g * C_PER_G * (1 if CHANNELS_LAST else S), mask=g_mask, other=0.0)
-    pivot = pivot.to(tl.float32)
+    pivot = _load_pivot(X + base, g, g_mask, C_PER_G, S, CHANNELS_LAST)
     if t == 0:
         tl.store(MEAN + n * G + g, pivot + mean, mask=g_mask)
         tl.store(RSTD + n * G + g, rstd, mask=g_mask)
 
-    c_local = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    c = g[:, None] * C_PER_G + c_local  # [BLOCK_G, BLOCK_C]
-    gc_mask = g_mask[:, None] & (c_local < C_PER_G)
+    c, gc_mask = _group_channels(g, g_mask, cb, C_PER_G, BLOCK_C)
     w = tl.load(W + c, mask=gc_mask, other=0.0)
     b = tl.load(B + c, mask=gc_mask, other=0.0)
     scale = (w * rstd[:, None])[:, None, :]
 
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)[None, :, None]
-    if CHANNELS_LAST:
-        offs = s * C + c[:, None, :]
-    else:
-        offs = c[:, None, :] * S + s
-    mask = gc_mask[:, None, :] & (s < S)
+    offs, mask = _tile_offsets(sb * BLOCK_S, c, gc_mask, C, S, BLOCK_S, CHANNELS_LAST)
     x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
     # Not x * scale + (b - mean * scale): folding the mean into the shift
     # cancels catastrophically when |mean| >> std.
@@ -245,20 +272,11 @@ def _gn_bwd_partial_kernel(
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    p = pid % (n_cblocks * n_chunks_s)
-    nb = pid // (n_cblocks * n_chunks_s)
-    n = nb // n_gblocks
-    cb = p // n_chunks_s
-    sc = p % n_chunks_s
+    n, g, _, cb, sc = _program_tile(n_chunks_s, n_cblocks, n_gblocks, BLOCK_G)
     s_begin = sc * TILES_PER_CHUNK * BLOCK_S
     n_tiles = tl.minimum(TILES_PER_CHUNK, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
-
-    g = (nb % n_gblocks) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_mask = g < G
-    c_local = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    c = g[:, None] * C_PER_G + c_local  # [BLOCK_G, BLOCK_C]
-    gc_mask = g_mask[:, None] & (c_local < C_PER_G)
+    c, gc_mask = _group_channels(g, g_mask, cb, C_PER_G, BLOCK_C)
     mean = tl.load(MEAN + n * G + g, mask=g_mask, other=0.0)[:, None, None]
     rstd = tl.load(RSTD + n * G + g, mask=g_mask, other=0.0)[:, None, None]
     if SILU:
@@ -269,21 +287,12 @@ def _gn_bwd_partial_kernel(
     acc_dz = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
     acc_dzx = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
     for i in range(0, n_tiles):
-        s = s_begin + i * BLOCK_S + tl.arange(0, BLOCK_S)[None, :, None]
-        if CHANNELS_LAST:
-            offs = s * C + c[:, None, :]
-        else:
-            offs = c[:, None, :] * S + s
-        mask = gc_mask[:, None, :] & (s < S)
+        offs, mask = _tile_offsets(s_begin + i * BLOCK_S, c, gc_mask, C, S, BLOCK_S, CHANNELS_LAST)
         x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
         dz = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean) * rstd
         if SILU:
-            # d/dz silu(z) = sig(z) * (1 + z * (1 - sig(z))), sig via exp(-|z|)
-            z = xhat * w + b
-            e = tl.exp(-tl.abs(z))
-            sig = tl.where(z >= 0, 1.0, e) / (1.0 + e)
-            dz = dz * sig * (1.0 + z * (1.0 - sig))
+            dz = _silu_backward(dz, xhat * w + b)
         # dz is 0 on masked lanes, so they add nothing.
         acc_dz += tl.sum(dz, axis=1)
         acc_dzx += tl.sum(dz * xhat, axis=1)
@@ -302,14 +311,7 @@ def _gn_bwd_apply_kernel(
     TILE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_sblocks = (S + BLOCK_S - 1) // BLOCK_S
-    t = pid % (n_cblocks * n_sblocks)
-    nb = pid // (n_cblocks * n_sblocks)
-    n = nb // n_gblocks
-    cb = t // n_sblocks
-    sb = t % n_sblocks
-    g = (nb % n_gblocks) * BLOCK_G + tl.arange(0, BLOCK_G)
+    n, g, _, cb, sb = _program_tile((S + BLOCK_S - 1) // BLOCK_S, n_cblocks, n_gblocks, BLOCK_G)
     g_mask = g < G
     ng = n * G + g
     mean = tl.load(MEAN + ng, mask=g_mask, other=0.0)[:, None, None]
@@ -317,28 +319,17 @@ def _gn_bwd_apply_kernel(
     # group means of dz*w and dz*w*xhat
     c1 = (tl.load(COEF + ng, mask=g_mask, other=0.0) * inv_group_size)[:, None, None]
     c2 = (tl.load(COEF + NG + ng, mask=g_mask, other=0.0) * inv_group_size)[:, None, None]
-
-    c_local = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    c = g[:, None] * C_PER_G + c_local
-    gc_mask = g_mask[:, None] & (c_local < C_PER_G)
+    c, gc_mask = _group_channels(g, g_mask, cb, C_PER_G, BLOCK_C)
     w = tl.load(W + c, mask=gc_mask, other=0.0)[:, None, :]
 
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)[None, :, None]
-    if CHANNELS_LAST:
-        offs = s * C + c[:, None, :]
-    else:
-        offs = c[:, None, :] * S + s
-    mask = gc_mask[:, None, :] & (s < S)
+    offs, mask = _tile_offsets(sb * BLOCK_S, c, gc_mask, C, S, BLOCK_S, CHANNELS_LAST)
     base = n.to(tl.int64) * C * S
     x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
     dz = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
     xhat = (x - mean) * rstd
     if SILU:
         b = tl.load(B + c, mask=gc_mask, other=0.0)[:, None, :]
-        z = xhat * w + b
-        e = tl.exp(-tl.abs(z))
-        sig = tl.where(z >= 0, 1.0, e) / (1.0 + e)
-        dz = dz * sig * (1.0 + z * (1.0 - sig))
+        dz = _silu_backward(dz, xhat * w + b)
     dx = rstd * (dz * w - c1 - xhat * c2)
     tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
