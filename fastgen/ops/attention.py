@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import _backend
 from ._attention_cpu_choice import cpu_kernel_is_faster
 from ._checks import check_dtype, check_same_device, check_tensor
+from ._dispatch import OpRoute, backward_kernel
 
 OP = "attention"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -79,9 +80,11 @@ def _bwd_impl(backend):
     return _backend.native_kernel(OP, "attention_bwd", "triton" if backend == "cuda" else backend)
 
 
-@torch.library.custom_op("fastgen::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     return _fwd_impl(backend)(q, k, v, scale)
+
+
+_attention_op = torch.library.custom_op("fastgen::attention", _attention_impl, mutates_args=())
 
 
 @_attention_op.register_fake
@@ -89,12 +92,16 @@ def _(q, k, v, scale, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastgen::attention_backward", mutates_args=())
-def _attention_backward_op(
+def _attention_backward_impl(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _bwd_impl(backend)(do.contiguous(), q, k, v, o, lse, scale)
     return dq, dk, dv
+
+
+_attention_backward_op = torch.library.custom_op(
+    "fastgen::attention_backward", _attention_backward_impl, mutates_args=()
+)
 
 
 @_attention_backward_op.register_fake
@@ -116,11 +123,12 @@ def _backward(ctx, do, _dlse):
         # SDPA's backward is autograd itself, which is switched off inside a custom op.
         dq, dk, dv = _sdpa_bwd(do, q, k, v, o, lse, ctx.scale)
     else:
-        dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, ctx.scale, ctx.backend)
+        dq, dk, dv = backward_kernel(_attention_backward_op, _attention_backward_impl,
+                                     do, q, k, v, o, lse, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_route = OpRoute(_attention_op, _attention_impl, _setup_context, _backward)
 
 
 # ------------------------------------------------------------------ public op
@@ -146,7 +154,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         unsupported_reason=_unsupported(q),
     )
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o, _ = _attention_op(q, k, v, scale, chosen)
+    o, _ = _attention_route(q, k, v, scale, chosen)
     return o
 
 

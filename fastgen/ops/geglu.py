@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._checks import check_dtype, check_tensor
+from ._dispatch import OpRoute, backward_kernel
 
 OP = "geglu"
 APPROXIMATIONS = ("none", "tanh")
@@ -72,10 +73,12 @@ def _half_shape(x: Tensor) -> tuple[int, ...]:
     return (*x.shape[:-1], x.shape[-1] // 2)
 
 
-@torch.library.custom_op("fastgen::geglu", mutates_args=())
-def _geglu_op(x: Tensor, approximate_tanh: bool, backend: str) -> Tensor:
+def _geglu_impl(x: Tensor, approximate_tanh: bool, backend: str) -> Tensor:
     # The kernels view x as (M, 2H) rows: make it so (a no-op when it already is).
     return _forward_impl(backend)(x.contiguous(), approximate_tanh)
+
+
+_geglu_op = torch.library.custom_op("fastgen::geglu", _geglu_impl, mutates_args=())
 
 
 @_geglu_op.register_fake
@@ -83,10 +86,12 @@ def _(x, approximate_tanh, backend):
     return x.new_empty(_half_shape(x))
 
 
-@torch.library.custom_op("fastgen::geglu_backward", mutates_args=())
-def _geglu_backward_op(dout: Tensor, x: Tensor, approximate_tanh: bool, backend: str) -> Tensor:
+def _geglu_backward_impl(dout: Tensor, x: Tensor, approximate_tanh: bool, backend: str) -> Tensor:
     # dout may be broadcast (stride 0, e.g. from out.sum()) or otherwise strided.
     return _backward_impl(backend)(dout.contiguous(), x.contiguous(), approximate_tanh)
+
+
+_geglu_backward_op = torch.library.custom_op("fastgen::geglu_backward", _geglu_backward_impl, mutates_args=())
 
 
 @_geglu_backward_op.register_fake
@@ -102,10 +107,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout):
     (x,) = ctx.saved_tensors
-    return _geglu_backward_op(dout, x, ctx.approximate_tanh, ctx.backend), None, None
+    dx = backward_kernel(_geglu_backward_op, _geglu_backward_impl, dout, x, ctx.approximate_tanh, ctx.backend)
+    return dx, None, None
 
 
-_geglu_op.register_autograd(_backward, setup_context=_setup_context)
+_geglu_route = OpRoute(_geglu_op, _geglu_impl, _setup_context, _backward)
 
 
 # ------------------------------------------------------------------ public op
@@ -127,7 +133,7 @@ def geglu(x: Tensor, *, approximate: str = "none", backend: Optional[str] = None
     chosen = _backend.resolve(OP, x.device, backend)
     if x.numel() == 0:
         chosen = "torch"
-    return _geglu_op(x.contiguous(), approximate == "tanh", chosen)
+    return _geglu_route(x.contiguous(), approximate == "tanh", chosen)
 
 
 def _check_inputs(x, approximate) -> None:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._checks import check_dtype, check_same_device, check_tensor
+from ._dispatch import OpRoute, backward_kernel
 from ._layout import kernel_layout, match_layout
 
 OP = "group_norm"
@@ -127,8 +128,7 @@ def _(x, weight, bias, residual, num_groups, eps, silu, backend):
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastgen::group_norm_backward", mutates_args=())
-def _group_norm_backward_op(
+def _group_norm_backward_impl(
     dy: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
@@ -142,6 +142,11 @@ def _group_norm_backward_op(
     w, b = _param(weight, x, 1.0), _param(bias, x, 0.0)
     dx, dw, db = _backward_impl(backend)(match_layout(dy, x), x, w, b, mean, rstd, num_groups, silu)
     return dx, dw, db
+
+
+_group_norm_backward_op = torch.library.custom_op(
+    "fastgen::group_norm_backward", _group_norm_backward_impl, mutates_args=()
+)
 
 
 @_group_norm_backward_op.register_fake
@@ -161,38 +166,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _group_norm_backward_op(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu, ctx.backend)
+    dx, dw, db = backward_kernel(
+        _group_norm_backward_op, _group_norm_backward_impl,
+        dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu, ctx.backend,
+    )
     dweight = dw.to(weight.dtype) if weight is not None else None
     dbias = db.to(bias.dtype) if bias is not None else None
     dresidual = dy if ctx.has_residual else None
     return dx, dweight, dbias, dresidual, None, None, None, None
 
 
-_group_norm_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _GroupNormEager(torch.autograd.Function):
-    """The same forward and backward for eager autograd: torch.library's autograd wrapper costs ~100 us of
-    Python a call (argument normalisation and two redispatches each way), a third of a small layer's
-    forward+backward. torch.compile still goes through the custom op, which it can trace."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, num_groups, eps, silu, backend):
-        y, mean, rstd = _group_norm_impl(x, weight, bias, residual, num_groups, eps, silu, backend)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.num_groups, ctx.silu, ctx.backend, ctx.has_residual = num_groups, silu, backend, residual is not None
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        w, b = _param(weight, x, 1.0), _param(bias, x, 0.0)
-        dx, dw, db = _backward_impl(ctx.backend)(match_layout(dy, x), x, w, b, mean, rstd, ctx.num_groups, ctx.silu)
-        dweight = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        dresidual = dy if ctx.has_residual and ctx.needs_input_grad[3] else None
-        return dx if ctx.needs_input_grad[0] else None, dweight, dbias, dresidual, None, None, None, None
+_group_norm_route = OpRoute(_group_norm_op, _group_norm_impl, _setup_context, _backward)
 
 
 # ------------------------------------------------------------------ public op
@@ -228,15 +212,7 @@ def group_norm(
     if x.numel() == 0:
         chosen = "torch"
     x = kernel_layout(x)
-    args = (x, weight, bias, residual, int(num_groups), float(eps), activation == "silu", chosen)
-    if torch.compiler.is_compiling():
-        y, _, _ = _group_norm_op(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        y = _GroupNormEager.apply(*args)
-    else:
-        # Inference fast path: the same kernel without the custom op's Python
-        # dispatch, which costs ~20 us a call (a fifth of a small SD1.5 layer).
-        y, _, _ = _group_norm_impl(*args)
+    y, _, _ = _group_norm_route(x, weight, bias, residual, int(num_groups), float(eps), activation == "silu", chosen)
     return y
 
 
