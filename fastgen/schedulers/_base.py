@@ -311,12 +311,13 @@ class SigmaSchedulerBase(BaseScheduler):
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
-        if i >= len(self._floats("timesteps")):
+        timesteps = self._floats("timesteps")
+        if i >= len(timesteps):
             raise ValueError(f"{type(self).__name__}: the schedule of {len(self.timesteps)} steps is finished; call set_timesteps again")
         if isinstance(timestep, Tensor) and timestep.device.type != "cpu":
             return i  # reading a device timestep would synchronise every step: trust the index, as diffusers does
         t = self._timestep_value(timestep)
-        expected = self._floats("timesteps")[i]
+        expected = timesteps[i]
         if t != expected:
             if not bool((self.timesteps.double() == t).any()):
                 raise self._not_in_schedule(t)

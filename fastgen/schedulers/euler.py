@@ -161,12 +161,13 @@ class EulerDiscreteScheduler(SigmaTableScheduler):
         self._reject_integer_timestep(timestep, type(self).__name__)
         self._check_step_inputs(model_output, sample, guidance_scale)
         i = self._enter_step(timestep)
-        sigma, sigma_next = self._floats("sigmas")[i : i + 2]
-        gamma = min(s_churn / (len(self._floats("sigmas")) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            z = self._noise_for(generator).randn(sample.shape, sample.device, model_output.dtype)
-            sample = churn(sample, z, s_noise * math.sqrt(sigma_hat**2 - sigma**2))
+        sigmas = self._floats("sigmas")
+        sigma, sigma_next = sigmas[i : i + 2]
+        sample, sigma_hat = churn(
+            sample, sigma, len(sigmas) - 1,
+            lambda: self._noise_for(generator).randn(sample.shape, sample.device, model_output.dtype),
+            s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+        )
         # eps is scaled by sigma_hat, v by the sigma the model saw (diffusers' choice)
         pred = self._x0(model_output, sigma if self._prediction_type() == "v_prediction" else sigma_hat, guidance_scale)
         prev_sample, x0 = euler_step(pred, sample, sigma_hat, sigma_next, return_x0=True)

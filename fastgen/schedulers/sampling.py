@@ -104,17 +104,6 @@ def sample_ddim(denoiser, x: Tensor, sigmas, extra_args=None, callback: Optional
     return x
 
 
-def _churned(x, sig, i, n, noise, s_churn, s_tmin, s_tmax, s_noise):
-    """Karras' churn: raise the noise level to sigma_hat by adding fresh noise (no-op when s_churn = 0)."""
-    sigma = sig[i]
-    gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-    sigma_hat = sigma * (gamma + 1)
-    if gamma > 0:
-        z = noise.randn(x.shape, x.device, x.dtype)
-        x = churn(x, z, s_noise * math.sqrt(sigma_hat**2 - sigma**2))
-    return x, sigma_hat
-
-
 @torch.no_grad()
 def sample_euler(denoiser, x: Tensor, sigmas, extra_args=None, callback: Optional[Callable] = None,
                  generator: GeneratorLike = None, *, s_churn: float = 0.0, s_tmin: float = 0.0,
@@ -123,7 +112,8 @@ def sample_euler(denoiser, x: Tensor, sigmas, extra_args=None, callback: Optiona
     sig, extra = _setup(x, sigmas, extra_args)
     noise, clip, n = NoiseSource(generator), _clip(denoiser), len(sig) - 1
     for i in range(n):
-        x, sigma_hat = _churned(x, sig, i, n, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = churn(x, sig[i], n, lambda: noise.randn(x.shape, x.device, x.dtype), s_churn=s_churn,
+                             s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
         pred = predict(denoiser, x, sigma_hat, extra)
         x_next, x0 = euler_step(pred, x, sigma_hat, sig[i + 1], clip=clip, return_x0=callback is not None)
         _report(callback, x, i, sig[i], sigma_hat, x0)
@@ -156,7 +146,8 @@ def sample_heun(denoiser, x: Tensor, sigmas, extra_args=None, callback: Optional
     sig, extra = _setup(x, sigmas, extra_args)
     noise, clip, n = NoiseSource(generator), _clip(denoiser), len(sig) - 1
     for i in range(n):
-        x, sigma_hat = _churned(x, sig, i, n, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = churn(x, sig[i], n, lambda: noise.randn(x.shape, x.device, x.dtype), s_churn=s_churn,
+                             s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
         pred = predict(denoiser, x, sigma_hat, extra)
         x_mid, x0 = euler_step(pred, x, sigma_hat, sig[i + 1], clip=clip, return_x0=True)
         _report(callback, x, i, sig[i], sigma_hat, x0)

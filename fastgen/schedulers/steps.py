@@ -240,10 +240,17 @@ def euler_ancestral_step(pred, x, sigma: float, sigma_next: float, *, eta=1.0, n
                      eps_from_clipped=True, return_x0=return_x0)
 
 
-def churn(x: Tensor, noise: Tensor, std: float) -> Tensor:
-    """``x + std * noise`` (Karras' stochastic churn), through the same kernel."""
-    pred = Prediction(noise, 0.0, float(std))
-    return _apply(pred, x, c2=1.0, c3=1.0)[0]
+def churn(x: Tensor, sigma: float, num_steps: int, draw_noise, *, s_churn: float, s_tmin: float, s_tmax: float,
+          s_noise: float) -> tuple[Tensor, float]:
+    """Karras' stochastic churn: ``(x + std * z, sigma_hat)``, raising the level from sigma to sigma_hat with
+    fresh noise from ``draw_noise()`` (``x`` untouched and nothing drawn when ``s_churn`` is 0 or sigma is
+    outside [s_tmin, s_tmax]). The add goes through the same fused kernel."""
+    gamma = min(s_churn / num_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        pred = Prediction(draw_noise(), 0.0, s_noise * math.sqrt(sigma_hat**2 - sigma**2))
+        x = _apply(pred, x, c2=1.0, c3=1.0)[0]
+    return x, sigma_hat
 
 
 # ------------------------------------------------------------------ Heun (VE space)
