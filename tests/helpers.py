@@ -45,6 +45,17 @@ def assert_lowp_close(out: torch.Tensor, ref32: torch.Tensor, torch_lowp: torch.
     assert err <= limit, f"{what} max error {err:.3g} > {factor} x PyTorch's {torch_err:.3g} (floor {floor:.3g})"
 
 
+def assert_compiled_matches_eager(f, x: torch.Tensor) -> None:
+    """``torch.compile(f, fullgraph=True)`` gives eager's output and eager's gradient w.r.t. ``x``."""
+    out = torch.compile(f, fullgraph=True)(x)
+    torch.testing.assert_close(out, f(x))
+    out.sum().backward()
+    g_compiled = x.grad.clone()
+    x.grad = None
+    f(x).sum().backward()
+    torch.testing.assert_close(g_compiled, x.grad)
+
+
 def nvcc() -> str | None:
     return shutil.which("nvcc")
 

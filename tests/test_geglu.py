@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fastgen._backend import BackendUnavailable
 from fastgen.ops.geglu import _geglu_backward_op, _geglu_op, geglu, geglu_reference
 
-from helpers import all_backends, assert_lowp_close, kernel_backends
+from helpers import all_backends, assert_compiled_matches_eager, assert_lowp_close, kernel_backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 APPROX = ["none", "tanh"]
@@ -205,14 +205,7 @@ def test_torch_compile_matches_eager():
         return geglu(proj(x))
 
     x = torch.randn(2, 7, 16, requires_grad=True)
-    compiled = torch.compile(f, fullgraph=True)
-    out = compiled(x)
-    torch.testing.assert_close(out, f(x))
-    out.sum().backward()
-    g_compiled = x.grad.clone()
-    x.grad = None
-    f(x).sum().backward()
-    torch.testing.assert_close(g_compiled, x.grad)
+    assert_compiled_matches_eager(f, x)
 
 
 # -------------------------------------------------------------- bad inputs

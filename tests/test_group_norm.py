@@ -10,7 +10,7 @@ import fastgen
 from fastgen.ops import group_norm, group_norm_reference
 from fastgen.ops.group_norm import _group_norm_op
 
-from helpers import LOWP, all_backends, assert_lowp_close, kernel_backends
+from helpers import LOWP, all_backends, assert_compiled_matches_eager, assert_lowp_close, kernel_backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -203,14 +203,7 @@ def test_torch_compile_matches_eager():
         return block(conv(x), residual=x)
 
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
-    compiled = torch.compile(f, fullgraph=True)
-    out = compiled(x)
-    torch.testing.assert_close(out, f(x))
-    out.sum().backward()
-    g_compiled = x.grad.clone()
-    x.grad = None
-    f(x).sum().backward()
-    torch.testing.assert_close(g_compiled, x.grad)
+    assert_compiled_matches_eager(f, x)
 
 
 # ------------------------------------------------------------------ module
