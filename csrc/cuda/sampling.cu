@@ -45,7 +45,6 @@ namespace {
 constexpr const char* kName = "fastgen sampling_step (cuda)";
 constexpr int kThreads = 256;
 constexpr int kVec = 8;
-constexpr int kNumCoeffs = kSamplingNumCoeffs;
 constexpr int kMaxGridY = 65535;
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
