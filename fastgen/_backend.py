@@ -79,25 +79,8 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
-# os.environ.get costs ~0.8 us (it encodes the key and decodes the value) and
-# dispatch reads two variables on every op call, so read the encoded mapping
-# behind os.environ directly (os.environ[...] = and monkeypatch update it too).
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEYS: dict[str, object] = {}
-
-
-def _getenv(name: str, default: str = "") -> str:
-    if not isinstance(_ENV_DATA, dict):
-        return os.environ.get(name, default)
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = os.environ.encodekey(name)
-    value = _ENV_DATA.get(key)
-    return default if value is None else os.environ.decodevalue(value)
-
-
 def triton_interpreter_enabled() -> bool:
-    return _getenv("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_version() -> Optional[str]:
@@ -188,7 +171,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 # ---------------------------------------------------------------- dispatch
 
-_warned: set[tuple[str, str, str]] = set()
+_warned: set[tuple] = set()
 _auto_choice: dict[tuple, str] = {}
 
 
@@ -199,7 +182,7 @@ def requested_backend(explicit: Optional[str] = None) -> Optional[str]:
     ctx = _requested.get()
     if ctx is not None:
         return ctx
-    env = _getenv("FASTGEN_BACKEND").strip()
+    env = os.environ.get("FASTGEN_BACKEND", "").strip()
     if env and env != "auto":
         try:
             return _check_name(env)
@@ -269,15 +252,21 @@ def _choose_automatically(op, device, supported, preference, unsupported_reason)
     return "torch"
 
 
-def _warn_fallback(op: str, device_type: str, chosen: str, skipped) -> None:
-    key = (op, device_type, chosen)
+def warn_once(key: tuple, message: str, *, category=RuntimeWarning, stacklevel: int = 3) -> bool:
+    """Warn with ``message`` the first time ``key`` is seen in this process (every fallback in fastgen, op or
+    model, says so through here, once). Returns whether it warned."""
     if key in _warned:
-        return
+        return False
     _warned.add(key)
+    warnings.warn(message, category, stacklevel=stacklevel + 1)
+    return True
+
+
+def _warn_fallback(op: str, device_type: str, chosen: str, skipped) -> None:
     reasons = "; ".join(f"{b}: {why}" for b, why in skipped)
-    warnings.warn(
+    warn_once(
+        ("fallback", op, device_type, chosen),
         f"fastgen.ops.{op} on {device_type} tensors falls back to the {chosen!r} backend ({reasons})",
-        RuntimeWarning,
         stacklevel=4,
     )
 

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from fastgen._backend import BackendUnavailable
-from fastgen.ops.geglu import _geglu_backward_op, _geglu_op, geglu, geglu_reference
+from fastgen.ops.geglu import _op as _geglu, geglu, geglu_reference
+
+_geglu_op, _geglu_backward_op = _geglu.custom_op, _geglu.backward_op
 
 from helpers import all_backends, assert_compiled_matches_eager, assert_lowp_close, kernel_backends
 

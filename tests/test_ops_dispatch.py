@@ -12,9 +12,11 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fastgen.ops import attention, geglu, group_norm
-from fastgen.ops.attention import _attention_op
-from fastgen.ops.geglu import _geglu_op
-from fastgen.ops.group_norm import _group_norm_op
+from fastgen.ops.attention import _op as _attention
+from fastgen.ops.geglu import _op as _geglu
+from fastgen.ops.group_norm import _op as _group_norm
+
+_attention_op, _geglu_op, _group_norm_op = _attention.custom_op, _geglu.custom_op, _group_norm.custom_op
 
 from helpers import all_backends
 

@@ -1,13 +1,17 @@
-"""fastgen's ops: one file per op, each with checks, a torch reference, dispatch
-to the Triton / CUDA / C++ CPU kernels, and a torch.library custom op."""
+"""fastgen's ops: one file per op — its public function (the only place that checks arguments and decides
+layout), its plain PyTorch reference, and one ``declare_op`` call (fastgen/ops/_dispatch.py) that routes a
+call to the Triton / CUDA / C++ CPU kernels or the reference and registers the torch.library custom ops.
+See docs/design.md."""
 
 from .attention import attention, attention_reference
 from .geglu import geglu, geglu_reference
 from .group_norm import group_norm, group_norm_reference
-from .sampling import q_sample, sampling_step, v_target
+from .sampling import StepUpdate, X0From, q_sample, sampling_step, v_target
 from .timestep_embedding import timestep_embedding
 
 __all__ = [
+    "StepUpdate",
+    "X0From",
     "attention",
     "attention_reference",
     "geglu",

@@ -50,3 +50,43 @@ def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     out = torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device=t.device)
     return out.copy_(t)
 
+
+
+def _dense_any_order(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive memory slots, in any dim order."""
+    expected = 1
+    for st, size in sorted((st, size) for size, st in zip(t.shape, t.stride()) if size != 1):
+        if st != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _per_sample(t: torch.Tensor) -> int:
+    s = 1
+    for size in t.shape[1:]:
+        s *= size
+    return s
+
+
+def is_batch_outer_dense(t: torch.Tensor) -> bool:
+    """Dense with the batch dim outermost: sample n is memory ``[n*S, (n+1)*S)`` (contiguous, channels-last,
+    or any other dense order of the non-batch dims). What the elementwise kernels walk linearly."""
+    return t.is_contiguous() or (_dense_any_order(t) and (t.shape[0] <= 1 or t.stride(0) == _per_sample(t)))
+
+
+def batch_outer_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when :func:`is_batch_outer_dense`, else a contiguous copy."""
+    return t if is_batch_outer_dense(t) else t.contiguous()
+
+
+def in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``ref``'s memory order (``ref`` batch-outer dense; the batch sizes may differ), copying only
+    when the order differs."""
+    if ref.is_contiguous() and t.is_contiguous():
+        return t
+    s = _per_sample(ref)
+    strides = (s, *ref.stride()[1:])
+    if all(size <= 1 or st == want for size, st, want in zip(t.shape, t.stride(), strides)):
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)

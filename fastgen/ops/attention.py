@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _backend
 from ._attention_cpu_choice import cpu_kernel_is_faster
 from ._checks import check_dtype, check_same_device, check_tensor
-from ._dispatch import OpRoute, backward_kernel
+from ._dispatch import declare_op
 
 OP = "attention"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,7 +50,8 @@ def _default_scale(q: Tensor, scale: Optional[float]) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _sdpa_fwd(q, k, v, scale):
+def _sdpa_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The kernel contract: contiguous (B, H, N, D) q, k, v -> ``(o, lse)``, lse fp32 (B, H, Nq)."""
     o = F.scaled_dot_product_attention(q, k, v, scale=scale)
     # SDPA keeps its log-sum-exp private and the torch backward recomputes through
     # SDPA, so this output is never read; zeros keep the op deterministic.
@@ -58,77 +59,63 @@ def _sdpa_fwd(q, k, v, scale):
     return o, lse
 
 
-def _sdpa_bwd(do, q, k, v, o, lse, scale):
+def _sdpa_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` for contiguous ``do``."""
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = F.scaled_dot_product_attention(qq, kk, vv, scale=scale)
         return torch.autograd.grad(out, (qq, kk, vv), do)
 
 
-# ---------------------------------------------------------------- custom ops
+# ---------------------------------------------------------------- declaration
 
 
-def _fwd_impl(backend):
-    return _sdpa_fwd if backend == "torch" else _backend.native_kernel(OP, "attention_fwd", backend)
-
-
-def _bwd_impl(backend):
-    if backend == "torch":
-        return _sdpa_bwd
-    # The CUDA kernel is forward-only: its backward runs on the Triton kernels,
-    # which recompute from the same (o, lse) contract.
+def _backward_kernels(backend: str):
+    # The CUDA kernel is forward-only: its backward runs on the Triton kernels, which recompute from the
+    # same (o, lse) contract.
     return _backend.native_kernel(OP, "attention_bwd", "triton" if backend == "cuda" else backend)
 
 
-def _attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(backend)(q, k, v, scale)
-
-
-_attention_op = torch.library.custom_op("fastgen::attention", _attention_impl, mutates_args=())
-
-
-@_attention_op.register_fake
-def _(q, k, v, scale, backend):
+def _fake(q, k, v, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-def _attention_backward_impl(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _bwd_impl(backend)(do.contiguous(), q, k, v, o, lse, scale)
-    return dq, dk, dv
-
-
-_attention_backward_op = torch.library.custom_op(
-    "fastgen::attention_backward", _attention_backward_impl, mutates_args=()
-)
-
-
-@_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, scale, backend):
+def _backward_fake(do, q, k, v, o, lse, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale, backend = inputs
+def _save(ctx, inputs, output):
+    q, k, v, scale = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.scale, ctx.backend = scale, backend
+    ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, do, _dlse):
+def _grads(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
     if ctx.backend == "torch":
         # SDPA's backward is autograd itself, which is switched off inside a custom op.
         dq, dk, dv = _sdpa_bwd(do, q, k, v, o, lse, ctx.scale)
     else:
-        dq, dk, dv = backward_kernel(_attention_backward_op, _attention_backward_impl,
-                                     do, q, k, v, o, lse, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None
+        dq, dk, dv = _op.backward(ctx, do.contiguous(), q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
 
 
-_attention_route = OpRoute(_attention_op, _attention_impl, _setup_context, _backward)
+# For this op the torch backend is SDPA, not the reference (see the module docstring).
+_op = declare_op(
+    OP,
+    reference=_sdpa_fwd,
+    reference_backward=_sdpa_bwd,
+    kernels="attention_fwd",
+    backward_kernels=_backward_kernels,
+    fake=_fake,
+    backward_fake=_backward_fake,
+    save=_save,
+    grads=_grads,
+)
 
 
 # ------------------------------------------------------------------ public op
@@ -146,15 +133,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     """
     _check_inputs(q, k, v)
     scale = _default_scale(q, scale)
-    chosen = _backend.resolve(
-        OP,
+    chosen = _op.resolve(
         q.device,
         backend,
         preference=_preference(q, k, v),
         unsupported_reason=_unsupported(q),
     )
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o, _ = _attention_route(q, k, v, scale, chosen)
+    o, _ = _op(q, k, v, scale, chosen)
     return o
 
 

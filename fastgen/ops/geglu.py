@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend
 from ._checks import check_dtype, check_tensor
-from ._dispatch import OpRoute, backward_kernel
+from ._dispatch import declare_op
 
 OP = "geglu"
 APPROXIMATIONS = ("none", "tanh")
@@ -43,12 +42,14 @@ def _approx(approximate_tanh: bool) -> str:
 
 
 def _reference_fwd(x: Tensor, approximate_tanh: bool) -> Tensor:
+    """The kernel contract: contiguous (..., 2H) x -> contiguous (..., H)."""
     hidden, gate = x.float().chunk(2, dim=-1)
     out = hidden * F.gelu(gate, approximate=_approx(approximate_tanh))
     return out.to(x.dtype)
 
 
 def _reference_bwd(dout: Tensor, x: Tensor, approximate_tanh: bool) -> Tensor:
+    """dx for contiguous dout and x."""
     hidden, gate = x.float().chunk(2, dim=-1)
     d = dout.float()
     approximate = _approx(approximate_tanh)
@@ -58,60 +59,30 @@ def _reference_bwd(dout: Tensor, x: Tensor, approximate_tanh: bool) -> Tensor:
     return torch.cat([d_hidden, d_gate], dim=-1).to(x.dtype)
 
 
-# ---------------------------------------------------------------- custom ops
+# ---------------------------------------------------------------- declaration
 
 
-def _forward_impl(backend: str):
-    return _reference_fwd if backend == "torch" else _backend.native_kernel(OP, "geglu_fwd", backend)
-
-
-def _backward_impl(backend: str):
-    return _reference_bwd if backend == "torch" else _backend.native_kernel(OP, "geglu_bwd", backend)
-
-
-def _half_shape(x: Tensor) -> tuple[int, ...]:
-    return (*x.shape[:-1], x.shape[-1] // 2)
-
-
-def _geglu_impl(x: Tensor, approximate_tanh: bool, backend: str) -> Tensor:
-    # The kernels view x as (M, 2H) rows: make it so (a no-op when it already is).
-    return _forward_impl(backend)(x.contiguous(), approximate_tanh)
-
-
-_geglu_op = torch.library.custom_op("fastgen::geglu", _geglu_impl, mutates_args=())
-
-
-@_geglu_op.register_fake
-def _(x, approximate_tanh, backend):
-    return x.new_empty(_half_shape(x))
-
-
-def _geglu_backward_impl(dout: Tensor, x: Tensor, approximate_tanh: bool, backend: str) -> Tensor:
-    # dout may be broadcast (stride 0, e.g. from out.sum()) or otherwise strided.
-    return _backward_impl(backend)(dout.contiguous(), x.contiguous(), approximate_tanh)
-
-
-_geglu_backward_op = torch.library.custom_op("fastgen::geglu_backward", _geglu_backward_impl, mutates_args=())
-
-
-@_geglu_backward_op.register_fake
-def _(dout, x, approximate_tanh, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    x, approximate_tanh, backend = inputs
+def _save(ctx, inputs, output):
+    x, approximate_tanh = inputs
     ctx.save_for_backward(x)
-    ctx.approximate_tanh, ctx.backend = approximate_tanh, backend
+    ctx.approximate_tanh = approximate_tanh
 
 
-def _backward(ctx, dout):
+def _grads(ctx, dout):
     (x,) = ctx.saved_tensors
-    dx = backward_kernel(_geglu_backward_op, _geglu_backward_impl, dout, x, ctx.approximate_tanh, ctx.backend)
-    return dx, None, None
+    # dout may be broadcast (stride 0, e.g. from out.sum()) or otherwise strided.
+    return _op.backward(ctx, dout.contiguous(), x, ctx.approximate_tanh), None
 
 
-_geglu_route = OpRoute(_geglu_op, _geglu_impl, _setup_context, _backward)
+_op = declare_op(
+    OP,
+    reference=_reference_fwd,
+    reference_backward=_reference_bwd,
+    kernels="geglu_fwd",
+    backward_kernels="geglu_bwd",
+    save=_save,
+    grads=_grads,
+)
 
 
 # ------------------------------------------------------------------ public op
@@ -130,10 +101,10 @@ def geglu(x: Tensor, *, approximate: str = "none", backend: Optional[str] = None
     Returns a contiguous (..., H) tensor of x's dtype. Math is fp32.
     """
     _check_inputs(x, approximate)
-    chosen = _backend.resolve(OP, x.device, backend)
+    chosen = _op.resolve(x.device, backend)
     if x.numel() == 0:
         chosen = "torch"
-    return _geglu_route(x.contiguous(), approximate == "tanh", chosen)
+    return _op(x.contiguous(), approximate == "tanh", chosen)
 
 
 def _check_inputs(x, approximate) -> None:

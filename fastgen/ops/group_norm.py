@@ -13,9 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ._checks import check_dtype, check_same_device, check_tensor
-from ._dispatch import OpRoute, backward_kernel
+from ._dispatch import declare_op
 from ._layout import kernel_layout, match_layout
 
 OP = "group_norm"
@@ -40,7 +39,11 @@ def group_norm_reference(
     return y
 
 
-def _reference_fwd(x, weight, bias, residual, num_groups, eps, silu):
+def _reference_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], num_groups: int, eps: float, silu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel contract: ``(y, mean, rstd)`` with fp32 (C,) ``weight``/``bias`` and (N, G) fp32 statistics;
+    ``y`` (and ``residual``) have x's strides."""
     n, c = x.shape[:2]
     xf = x.float().reshape(n, num_groups, (c // num_groups) * _spatial(x))
     # torch.var_mean is two-pass, so a large mean does not cancel the variance away.
@@ -64,7 +67,10 @@ def _spatial(x: Tensor) -> int:
     return s
 
 
-def _reference_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
+def _reference_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, num_groups: int, silu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``; dy has x's strides, dweight/dbias are fp32."""
     n, c = x.shape[:2]
     shape = (n, num_groups, c // num_groups, _spatial(x))
     w = weight.float().reshape(1, num_groups, -1, 1)
@@ -83,100 +89,40 @@ def _reference_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu):
     return torch.empty_like(x).copy_(dx.reshape(x.shape)), dweight, dbias
 
 
-# ---------------------------------------------------------------- custom ops
+# ---------------------------------------------------------------- declaration
 
 
 def _param(p: Optional[Tensor], x: Tensor, fill: float) -> Tensor:
-    c = x.shape[1]
     if p is None:
-        return torch.full((c,), fill, dtype=torch.float32, device=x.device)
-    if p.dtype == torch.float32 and p.is_contiguous():
-        return p  # the kernels only read it; autograd sees the op's own inputs, not these
-    return p.detach().float().contiguous()
+        return torch.full((x.shape[1],), fill, dtype=torch.float32, device=x.device)
+    return p.float().contiguous()  # a no-op for an fp32 parameter
 
 
-def _forward_impl(backend: str):
-    return _reference_fwd if backend == "torch" else _backend.native_kernel(OP, "group_norm_fwd", backend)
-
-
-def _backward_impl(backend: str):
-    return _reference_bwd if backend == "torch" else _backend.native_kernel(OP, "group_norm_bwd", backend)
-
-
-def _group_norm_impl(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    num_groups: int,
-    eps: float,
-    silu: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    w, b = _param(weight, x, 1.0), _param(bias, x, 0.0)
-    if residual is not None:
-        residual = match_layout(residual, x)
-    return _forward_impl(backend)(x, w, b, residual, num_groups, eps, silu)
-
-
-_group_norm_op = torch.library.custom_op("fastgen::group_norm", _group_norm_impl, mutates_args=())
-
-
-@_group_norm_op.register_fake
-def _(x, weight, bias, residual, num_groups, eps, silu, backend):
-    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
-
-
-def _group_norm_backward_impl(
-    dy: Tensor,
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    mean: Tensor,
-    rstd: Tensor,
-    num_groups: int,
-    silu: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    w, b = _param(weight, x, 1.0), _param(bias, x, 0.0)
-    dx, dw, db = _backward_impl(backend)(match_layout(dy, x), x, w, b, mean, rstd, num_groups, silu)
-    return dx, dw, db
-
-
-_group_norm_backward_op = torch.library.custom_op(
-    "fastgen::group_norm_backward", _group_norm_backward_impl, mutates_args=()
-)
-
-
-@_group_norm_backward_op.register_fake
-def _(dy, x, weight, bias, mean, rstd, num_groups, silu, backend):
-    c = x.shape[1]
-    return torch.empty_like(x), x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, num_groups, eps, silu, backend = inputs
+def _save(ctx, inputs, output):
+    x, weight, bias, residual, num_groups, eps, silu = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.num_groups, ctx.silu, ctx.backend = num_groups, silu, backend
+    ctx.num_groups, ctx.silu = num_groups, silu
     ctx.has_residual = residual is not None
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _grads(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = backward_kernel(
-        _group_norm_backward_op, _group_norm_backward_impl,
-        dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu, ctx.backend,
-    )
-    dweight = dw.to(weight.dtype) if weight is not None else None
-    dbias = db.to(bias.dtype) if bias is not None else None
-    dresidual = dy if ctx.has_residual else None
-    return dx, dweight, dbias, dresidual, None, None, None, None
+    dy = match_layout(dy, x)
+    dx, dweight, dbias = _op.backward(ctx, dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
+    return dx, dweight, dbias, (dy if ctx.has_residual else None), None, None, None
 
 
-_group_norm_route = OpRoute(_group_norm_op, _group_norm_impl, _setup_context, _backward)
+_op = declare_op(
+    OP,
+    reference=_reference_fwd,
+    reference_backward=_reference_bwd,
+    kernels="group_norm_fwd",
+    backward_kernels="group_norm_bwd",
+    save=_save,
+    grads=_grads,
+)
 
 
 # ------------------------------------------------------------------ public op
@@ -208,11 +154,16 @@ def group_norm(
     Statistics are computed in fp32; the output has x's dtype and layout.
     """
     _check_inputs(x, num_groups, weight, bias, activation, residual)
-    chosen = _backend.resolve(OP, x.device, backend)
+    chosen = _op.resolve(x.device, backend)
     if x.numel() == 0:
         chosen = "torch"
     x = kernel_layout(x)
-    y, _, _ = _group_norm_route(x, weight, bias, residual, int(num_groups), float(eps), activation == "silu", chosen)
+    if residual is not None:
+        residual = match_layout(residual, x)
+    # The kernels take fp32 (C,) parameters; the cast is part of the autograd graph, so a half-precision
+    # weight still gets its gradient (in its own dtype).
+    w, b = _param(weight, x, 1.0), _param(bias, x, 0.0)
+    y, _, _ = _op(x, w, b, residual, int(num_groups), float(eps), activation == "silu", chosen)
     return y
 
 
