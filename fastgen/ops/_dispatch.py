@@ -37,16 +37,14 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 KernelFactory = Callable[[str], Callable]
 
 
+def _tracing_mode() -> bool:
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
 def _traced(args) -> bool:
     """Whether torch is tracing this call (dynamo, make_fx / AOTAutograd, fake or functional tensors):
     then only the custom op is visible to the tracer, the kernels behind it are not."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return True
-    return any(isinstance(t, torch.Tensor) and type(t) not in _PLAIN for t in args)
-
-
-def _needs_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+    return _tracing_mode() or any(isinstance(t, torch.Tensor) and type(t) not in _PLAIN for t in args)
 
 
 def _schema_with_backend(reference: Callable) -> str:
@@ -135,9 +133,18 @@ class Op:
 
     def __call__(self, *args):
         """Run the forward contract ``args`` (ending with the backend name) on the right route."""
-        if _traced(args):
+        # One pass over the arguments decides the route: this runs on every op call, and each separate
+        # check costs a microsecond or two.
+        if _tracing_mode():
             return self.custom_op(*args)
-        if self.eager_autograd is not None and _needs_grad(args):
+        record = self.eager_autograd is not None and torch.is_grad_enabled()
+        needs_grad = False
+        for t in args:
+            if isinstance(t, torch.Tensor):
+                if type(t) not in _PLAIN:
+                    return self.custom_op(*args)
+                needs_grad = needs_grad or (record and t.requires_grad)
+        if needs_grad:
             return self.eager_autograd.apply(*args)
         return self.kernel(args[-1])(*args[:-1])
 
