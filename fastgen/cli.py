@@ -17,12 +17,38 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_tune_attention(args) -> int:
+    from .bench._runner import device_name
+    from .bench.attention import tune
+    from .ops._attention_cpu_choice import cpu_isa
+
+    import torch
+
+    if args.suites != ["attention"] or args.device == "cuda":
+        print("fastgen bench: --tune measures CPU attention only: run `fastgen bench attention --tune`",
+              file=sys.stderr)
+        return 2
+    print(f"fastgen bench attention --tune on {device_name(torch.device('cpu'))} ({cpu_isa()})"
+          + (" (quick)" if args.quick else ""))
+    try:
+        path, table = tune(quick=args.quick, path=args.tune_out, min_time=args.min_time, budget_s=args.tune_budget)
+    except RuntimeError as exc:
+        print(f"fastgen bench: {exc}", file=sys.stderr)
+        return 1
+    faster = sum(e["choice"] == "kernel" for e in table["entries"])
+    print(f"the C++ kernel is faster in {faster} of {len(table['entries'])} measured cells")
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     import torch
 
     from .bench import SUITES, run_suites, save_results
     from .bench._runner import device_name, format_table
 
+    if args.tune:
+        return _cmd_tune_attention(args)
     suites = args.suites or list(SUITES)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -56,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
     p_bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     p_bench.add_argument("--no-save", action="store_true", help="print only, write no JSON")
+    p_bench.add_argument("--tune", action="store_true",
+                         help="with the attention suite: measure the C++ CPU attention kernel against SDPA on a grid "
+                              "of shapes and write the choice file the automatic CPU backend choice reads "
+                              "($FASTGEN_CACHE_DIR or ~/.cache/fastgen/attention_cpu_choice.json)")
+    p_bench.add_argument("--tune-out", default=None, help="with --tune: write the choice file here instead")
+    p_bench.add_argument("--tune-budget", type=float, default=None,
+                         help="with --tune: seconds of measuring at most (default 900, 120 with --quick)")
     p_bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -7,7 +7,8 @@ Same contract as attention_{fwd,bwd}_{cpu,cuda} in csrc/ops.h:
     attention_bwd(do, q, k, v, o, lse, scale) -> (dq, dk, dv)
 
 q, o, do: (B, H, Nq, D); k, v: (B, H, Nk, D); all contiguous, one dtype
-(fp32 / fp16 / bf16). lse is the fp32 (B, H, Nq) natural-log log-sum-exp of
+(fp32 / fp16 / bf16): the public op (fastgen/ops/attention.py) guarantees it
+and the launchers only assert it, never copy. lse is the fp32 (B, H, Nq) natural-log log-sum-exp of
 the scaled scores. Any Nq, Nk >= 1 (tails are masked); Nk = 0 gives o = 0 and
 lse = -inf rather than NaN.
 
@@ -539,23 +540,23 @@ def _dot_precision(dtype):
 
 
 def _check(q, k, v):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be 4-D (B, H, N, D)")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype of fp32/fp16/bf16; got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    # Preconditions the public op (fastgen/ops/attention.py) guarantees; asserted, never fixed here.
+    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "attention (triton): q, k, v must be 4-D (B, H, N, D)"
+    assert q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype, \
+        f"attention (triton): q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous(), \
+        "attention (triton): q, k, v must be contiguous"
     B, H, _, D = q.shape
-    if k.shape[:2] != (B, H) or k.shape[3] != D or v.shape != k.shape:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    if B * H > 65535:
-        raise ValueError(f"B*H = {B * H} exceeds the grid's y limit (65535)")
+    assert k.shape[:2] == (B, H) and k.shape[3] == D and v.shape == k.shape, \
+        f"attention (triton): shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if B * H > 65535:  # a limit of this kernel's grid, not an input error
+        raise NotImplementedError(f"Triton attention: B*H = {B * H} exceeds the grid's y limit (65535); "
+                                  "use another backend")
 
 
 def attention_fwd(q, k, v, scale: float):
     """o = softmax(q k^T * scale) v; returns (o, lse), lse fp32 (B, H, Nq), natural log."""
     _check(q, k, v)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     o = torch.empty_like(q)
@@ -584,12 +585,11 @@ def attention_fwd(q, k, v, scale: float):
 def attention_bwd(do, q, k, v, o, lse, scale: float):
     """Gradients of attention_fwd w.r.t. q, k, v, given do = dL/do."""
     _check(q, k, v)
-    if do.shape != q.shape or o.shape != q.shape:
-        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must match "
-                         f"q {tuple(q.shape)}")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    do, o = do.to(q.dtype).contiguous(), o.contiguous()
-    lse = lse.float().contiguous()
+    assert do.shape == q.shape and o.shape == q.shape and do.dtype == q.dtype and o.dtype == q.dtype, \
+        f"attention (triton): do {tuple(do.shape)} {do.dtype} and o {tuple(o.shape)} {o.dtype} must match q"
+    assert do.is_contiguous() and o.is_contiguous(), "attention (triton): do and o must be contiguous"
+    assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == q.shape[:3], \
+        "attention (triton): lse must be the forward's contiguous float32 (B, H, Nq) tensor"
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if Nq == 0 or Nk == 0 or B * H * D == 0:  # empty sums: all gradients are 0

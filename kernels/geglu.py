@@ -6,7 +6,9 @@ Same contract as geglu_{fwd,bwd}_{cpu,cuda} in csrc/ops.h:
     geglu_bwd(dout, x, approximate_tanh) -> dx     dx:  (..., 2H)
 
 x is contiguous and viewed as M rows of 2H values (hidden = columns [0, H),
-gate = columns [H, 2H)); dout and out are M rows of H values.
+gate = columns [H, 2H)); dout and out are M rows of H values. The public op
+(fastgen/ops/geglu.py) makes x and dout contiguous (and dout of x's dtype);
+the launchers only assert it and never copy.
 
 Tiles are 2-D, [BLOCK_M rows, BLOCK_H columns]. BLOCK_H is a power of two
 chosen by the launcher to waste the fewest masked lanes on H (H = 1280 -> 256:
@@ -150,7 +152,8 @@ def _rows(x: torch.Tensor) -> tuple[int, int]:
 
 def geglu_fwd(x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
     """out = hidden * gelu(gate) for contiguous x of shape (..., 2H)."""
-    x = x.contiguous()
+    assert x.is_contiguous() and x.dim() >= 1 and x.shape[-1] % 2 == 0, \
+        f"geglu (triton): x must be contiguous (..., 2H), got shape {tuple(x.shape)}, strides {x.stride()}"
     out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), device=x.device, dtype=x.dtype)
     M, H = _rows(x)
     if out.numel() == 0:
@@ -161,8 +164,11 @@ def geglu_fwd(x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
 
 def geglu_bwd(dout: torch.Tensor, x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
     """dx = [dout * gelu(gate), dout * hidden * gelu'(gate)] for contiguous dout, x."""
-    x = x.contiguous()
-    dout = dout.to(x.dtype).contiguous()
+    assert x.is_contiguous() and x.dim() >= 1 and x.shape[-1] % 2 == 0, \
+        f"geglu (triton): x must be contiguous (..., 2H), got shape {tuple(x.shape)}, strides {x.stride()}"
+    half = (*x.shape[:-1], x.shape[-1] // 2)
+    assert dout.is_contiguous() and dout.dtype == x.dtype and dout.shape == half, \
+        f"geglu (triton): dout must be contiguous, of x's dtype and shape (..., H), got {dout.dtype} {tuple(dout.shape)}"
     dx = torch.empty_like(x)
     M, H = _rows(x)
     if dx.numel() == 0:

@@ -6,9 +6,17 @@ Same contract as group_norm_{fwd,bwd}_{cpu,cuda} in csrc/ops.h:
     group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu) -> (dx, dweight, dbias)
 
 x is viewed as (N, C, S) with S the product of the spatial dims, and is either
-contiguous (element (n, c, s) at n*C*S + c*S + s) or channels-last (at
-n*S*C + s*C + c). The layout is a constexpr, so each layout compiles to its
-own kernel and the compiler knows which tile axis is unit-stride.
+contiguous (element (n, c, s) at n*C*S + c*S + s) or channels-last dense (at
+n*S*C + s*C + c, per fastgen/ops/_layout.py). The layout is a constexpr, so
+each layout compiles to its own kernel and the compiler knows which tile axis
+is unit-stride.
+
+Preconditions (checked, with clear errors, and arranged by the public op in
+fastgen/ops/group_norm.py; the launchers only assert them and never copy or
+change a layout): x has 2-5 dims and one of the two layouts; weight and bias
+are contiguous float32 (C,) tensors; residual and dy have exactly x's strides;
+mean and rstd are the forward's contiguous float32 (N, G) tensors. y and dx
+are allocated with x's strides.
 
 Tiles are 3-D, [BLOCK_G, BLOCK_S, BLOCK_C]: BLOCK_G consecutive groups of one
 sample, BLOCK_S spatial positions and BLOCK_C channels of each group (masked
@@ -61,6 +69,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from fastgen.ops._layout import is_channels_last_dense
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -339,19 +349,15 @@ def _gn_bwd_apply_kernel(
 # ----------------------------------------------------------------------------
 
 
-def _is_channels_last(t):
-    """True for a dense channels-last (N, C, *spatial) tensor that is not also
-    contiguous (with S == 1 or C == 1 both layouts are the same memory order)."""
-    if t.is_contiguous():
+def _channels_last(x):
+    """Whether the kernels read x channels-last. The op (fastgen/ops/group_norm.py) hands over x
+    contiguous or channels-last dense (fastgen/ops/_layout.py); where both hold (S == 1 or C == 1)
+    the two memory orders are one and the contiguous kernels run."""
+    if x.is_contiguous():
         return False
-    return t.dim() > 2 and t.stride(1) == 1 and t.movedim(1, -1).is_contiguous()
-
-
-def _to_layout(t, channels_last):
-    """t itself if it already has the requested layout, else a copy that has it."""
-    if channels_last:
-        return t if _is_channels_last(t) else t.movedim(1, -1).contiguous().movedim(-1, 1)
-    return t if t.is_contiguous() else t.contiguous()
+    assert is_channels_last_dense(x), \
+        f"group_norm (triton): x must be contiguous or channels-last dense, got strides {x.stride()}"
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -430,28 +436,38 @@ def _make_plan(shape, G, channels_last, target, tile):
 def _plan(x, num_groups, channels_last):
     """Sizes, tile shape and the statistics chunking shared by fwd and bwd."""
     G = int(num_groups)
-    if x.dim() < 2 or G <= 0 or x.shape[1] % G != 0:
-        raise ValueError(f"x of shape {tuple(x.shape)}: channels must be divisible by "
-                         f"num_groups ({G})")
+    assert 2 <= x.dim() <= 5 and G > 0 and x.shape[1] % G == 0, \
+        f"group_norm (triton): x of shape {tuple(x.shape)} with num_groups {G}"
     return _make_plan(tuple(x.shape), G, channels_last, _target_programs(x), _TILE)
+
+
+def _check_param(name, p, C):
+    assert p.dtype == torch.float32 and p.is_contiguous() and p.shape == (C,), \
+        f"group_norm (triton): {name} must be a contiguous float32 ({C},) tensor"
+
+
+def _check_like_x(name, t, x):
+    assert t.shape == x.shape and t.stride() == x.stride(), \
+        f"group_norm (triton): {name} must have x's shape and strides"
 
 
 def group_norm_fwd(x, weight, bias, residual, num_groups: int, eps: float, silu: bool):
     """y = act(group_norm(x) * weight + bias) (+ residual); returns (y, mean, rstd)."""
-    channels_last = _is_channels_last(x)
-    x = _to_layout(x, channels_last)  # no-op for the contract's two layouts
+    channels_last = _channels_last(x)
     k = _plan(x, num_groups, channels_last)
-    y = torch.empty_like(x)
+    _check_param("weight", weight, k.C)
+    _check_param("bias", bias, k.C)
+    has_res = residual is not None
+    if has_res:
+        _check_like_x("residual", residual, x)
+    y = torch.empty_like(x)  # x is dense, so y gets exactly x's strides
     mean = torch.empty((k.N, k.G), device=x.device, dtype=torch.float32)
     rstd = torch.empty((k.N, k.G), device=x.device, dtype=torch.float32)
     if x.numel() == 0:
         mean.zero_()
         rstd.fill_(float(eps) ** -0.5 if eps > 0 else float("inf"))
         return y, mean, rstd
-    has_res = residual is not None
-    r = _to_layout(residual, channels_last) if has_res else x  # dummy pointer when absent
-    weight = weight.contiguous()
-    bias = bias.contiguous()
+    r = residual if has_res else x  # dummy pointer when absent
 
     NG, P = k.N * k.G, k.n_partials
     part = torch.empty((3, NG, P), device=x.device, dtype=torch.float32)
@@ -471,19 +487,19 @@ def group_norm_fwd(x, weight, bias, residual, num_groups: int, eps: float, silu:
 
 def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, silu: bool):
     """Gradients of group_norm_fwd w.r.t. x, weight and bias (the residual's is dy)."""
-    channels_last = _is_channels_last(x)
-    x = _to_layout(x, channels_last)
-    dy = _to_layout(dy, channels_last)
+    channels_last = _channels_last(x)
     k = _plan(x, num_groups, channels_last)
-    dx = torch.empty_like(x)
+    _check_like_x("dy", dy, x)
+    _check_param("weight", weight, k.C)
+    _check_param("bias", bias, k.C)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        assert t.dtype == torch.float32 and t.is_contiguous() and t.numel() == k.N * k.G, \
+            f"group_norm (triton): {name} must be the forward's contiguous float32 ({k.N}, {k.G}) tensor"
+    dx = torch.empty_like(x)  # x's strides
     if x.numel() == 0:
         dx.zero_()
         zeros = torch.zeros(k.C, device=x.device, dtype=torch.float32)
         return dx, zeros, zeros.clone()
-    weight = weight.contiguous()
-    bias = bias.contiguous()
-    mean = mean.contiguous().float()
-    rstd = rstd.contiguous().float()
 
     part = torch.empty((2, k.N, k.n_chunks_s, k.C), device=x.device, dtype=torch.float32)
     _gn_bwd_partial_kernel[k.stats_grid](

@@ -15,10 +15,11 @@ coeffs: float32 (N, 7) on the tensors' device, one row per sample ((7,) or
 independently; the math is fp32 and out / x0 have sample's dtype and layout.
 
 Layout: the kernel walks memory linearly, so sample must be dense with the
-batch dim outermost (contiguous or channels-last; anything else is made
-contiguous here), and every other tensor is used in place when it has
-sample's strides and copied into them otherwise. No layout precondition is
-left to the caller.
+batch dim outermost (contiguous or channels-last), and model_output, extra1,
+extra2 and noise must have sample's strides (model_output with a 2N batch
+under CFG). The public op (fastgen/ops/sampling.py) checks the inputs and
+arranges the layouts; this launcher only asserts those preconditions and
+never copies. out and x0 are allocated with sample's strides.
 
 Grid: one program per (sample n, block of BLOCK elements of that sample),
 flattened into axis 0 (so N is not limited by the 65535 of grid axis 1).
@@ -114,41 +115,25 @@ def _sampling_step_kernel(
         tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-# ------------------------------------------------------------------ layout
+# ------------------------------------------------------------------ preconditions
 
 
-def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill ``numel`` consecutive memory slots (any dim order)."""
+def _batch_outer_dense(t: torch.Tensor, S: int) -> bool:
+    """Dense with the batch dim outermost: sample n is memory [n*S, (n+1)*S) (any order inside)."""
     dims = sorted((st, size) for size, st in zip(t.shape, t.stride()) if size != 1)
     expected = 1
     for st, size in dims:
         if st != expected:
             return False
         expected *= size
-    return True
+    return t.shape[0] <= 1 or t.stride(0) == S
 
 
-def _batch_outer_dense(t: torch.Tensor, S: int) -> bool:
-    """Dense with the batch dim outermost: sample n is memory [n*S, (n+1)*S)."""
-    return _non_overlapping_and_dense(t) and (t.shape[0] <= 1 or t.stride(0) == S)
-
-
-def _in_layout(t: torch.Tensor, ref: torch.Tensor, S: int) -> torch.Tensor:
-    """``t`` when its memory order is ``ref``'s (dim 0 may differ in size), else a copy in that order."""
-    same = (t.shape[0] <= 1 or t.stride(0) == S) and all(
-        size <= 1 or st == want for size, st, want in zip(t.shape[1:], t.stride()[1:], ref.stride()[1:])
+def _like_sample(t: torch.Tensor, sample: torch.Tensor, S: int) -> bool:
+    """``t`` has sample's memory order (its batch may be 2N): the kernel indexes both alike."""
+    return (t.shape[0] <= 1 or t.stride(0) == S) and all(
+        size <= 1 or st == want for size, st, want in zip(t.shape[1:], t.stride()[1:], sample.stride()[1:])
     )
-    if same:
-        return t
-    out = torch.empty_strided(t.shape, (S, *ref.stride()[1:]), dtype=t.dtype, device=t.device)
-    return out.copy_(t)
-
-
-def _check(name, t, device):
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"sampling_step (triton): {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"sampling_step (triton): {name} is on {t.device}, sample on {device}")
 
 
 # ------------------------------------------------------------------ launcher
@@ -156,43 +141,30 @@ def _check(name, t, device):
 
 def sampling_step(sample, model_output, coeffs, extra1, extra2, noise, guidance_scale, clip, return_x0):
     """Fused sampler step; returns ``(out, x0)`` with ``x0`` None unless ``return_x0``."""
-    if sample.dim() < 1:
-        raise ValueError("sampling_step (triton): sample needs a batch dimension")
-    device = sample.device
-    _check("sample", sample, device)
-    _check("model_output", model_output, device)
+    assert sample.dim() >= 1 and sample.dtype in _FLOAT_DTYPES, "sampling_step (triton): sample"
     n = sample.shape[0]
-    cfg = guidance_scale is not None
-    want = (2 * n if cfg else n, *sample.shape[1:])
-    if tuple(model_output.shape) != want:
-        raise ValueError(
-            f"sampling_step (triton): model_output must have shape {want}, got {tuple(model_output.shape)}"
-        )
-    if coeffs.dtype != torch.float32 or coeffs.device != device:
-        raise ValueError(f"sampling_step (triton): coeffs must be float32 on {device}, got {coeffs.dtype} on {coeffs.device}")
-    if tuple(coeffs.shape) == (n, _NUM_COEFFS):
-        coeff_stride = _NUM_COEFFS if n > 1 else 0
-    elif tuple(coeffs.shape) in ((_NUM_COEFFS,), (1, _NUM_COEFFS)):
-        coeff_stride = 0
-    else:
-        raise ValueError(f"sampling_step (triton): coeffs must have shape ({n}, 7), got {tuple(coeffs.shape)}")
-    coeffs = coeffs.contiguous()
-
     numel = sample.numel()
     S = numel // n if n > 0 else 0
-    if not _batch_outer_dense(sample, S):
-        sample = sample.contiguous()
-    model_output = _in_layout(model_output, sample, S)
-    extras = []
-    for name, t in (("extra1", extra1), ("extra2", extra2), ("noise", noise)):
-        if t is not None:
-            _check(name, t, device)
-            if t.shape != sample.shape:
-                raise ValueError(
-                    f"sampling_step (triton): {name} must have shape {tuple(sample.shape)}, got {tuple(t.shape)}"
-                )
-            t = _in_layout(t, sample, S)
-        extras.append(t)
+    cfg = guidance_scale is not None
+    dense = numel == 0 or _batch_outer_dense(sample, S)  # (strides of empty tensors don't matter)
+    assert dense, f"sampling_step (triton): sample must be dense with the batch outermost, got strides {sample.stride()}"
+    mo_shape = (2 * n if cfg else n, *sample.shape[1:])
+    assert model_output.dtype in _FLOAT_DTYPES and model_output.shape == mo_shape \
+        and (numel == 0 or _like_sample(model_output, sample, S)), \
+        "sampling_step (triton): model_output must have sample's shape (2N batch under CFG) and layout"
+    for t in (extra1, extra2, noise):
+        assert t is None or (t.dtype in _FLOAT_DTYPES and t.shape == sample.shape
+                             and (numel == 0 or _like_sample(t, sample, S))), \
+            "sampling_step (triton): extra1, extra2 and noise must have sample's shape and layout"
+    assert coeffs.dtype == torch.float32 and coeffs.is_contiguous() and coeffs.device == sample.device, \
+        "sampling_step (triton): coeffs must be contiguous float32 on sample's device"
+    if tuple(coeffs.shape) == (n, _NUM_COEFFS):
+        coeff_stride = _NUM_COEFFS if n > 1 else 0
+    else:
+        assert tuple(coeffs.shape) in ((_NUM_COEFFS,), (1, _NUM_COEFFS)), \
+            f"sampling_step (triton): coeffs must have shape ({n}, 7), (1, 7) or (7,), got {tuple(coeffs.shape)}"
+        coeff_stride = 0
+    extras = (extra1, extra2, noise)
 
     out = torch.empty_like(sample)
     x0 = torch.empty_like(sample) if return_x0 else None

@@ -194,14 +194,35 @@ def test_mixed_dtypes(kernel, dtypes, shape):
     _check(fn, args, guidance_scale=7.5, clip=1.5, return_x0=True)
 
 
-def test_layouts(kernel):
-    """channels-last is used in place (and kept); other strides are copied."""
-    fn, device = kernel
-    shape = (2, 4, 6, 5)
-    sample, mo, coeffs, e1, e2, nz = _inputs(shape, (torch.float32,) * 5, device, cfg=True,
-                                             extras=(True, True, True))
+def _native_backends():
+    """Every backend of the public op (skipped where it cannot run), for the cases moved there."""
+    out = []
+    for name in _backend.BACKENDS:
+        device = torch.device("cuda" if name == "cuda" else DEVICE)
+        why = None if name == "torch" else _backend.unavailable_reason(name, device)
+        out.append(pytest.param(name, marks=(pytest.mark.skip(reason=why),) if why else (), id=name))
+    return out
+
+
+def _op_fn(backend):
+    """The public op with the launchers' positional signature: the (N, 7) coefficient rows become the
+    StepUpdate they flatten back into (exactly), and the op checks and arranges layouts before the kernel."""
+    from fastgen.ops.sampling import StepUpdate, X0From
+
+    def fn(sample, mo, coeffs, e1, e2, nz, guidance_scale, clip, return_x0):
+        c = coeffs.unbind(dim=1)
+        terms = tuple((c[4 + j], t) for j, t in enumerate((e1, e2)) if t is not None)
+        update = StepUpdate(X0From(c[0], c[1]), sample=c[2], x0=c[3], terms=terms, noise=c[6])
+        got = sampling_ops.sampling_step(sample, mo, update, noise=nz, guidance_scale=guidance_scale, clip=clip,
+                                         return_x0=return_x0, backend=backend)
+        return got if return_x0 else (got, None)
+
+    return fn
+
+
+def _layout_cases(sample, mo, e1, e2, nz):
     cl = torch.channels_last
-    cases = {
+    return {
         "all channels-last": (sample.to(memory_format=cl), mo.to(memory_format=cl),
                               e1.to(memory_format=cl), e2.to(memory_format=cl), nz.to(memory_format=cl)),
         "sample channels-last, rest contiguous": (sample.to(memory_format=cl), mo, e1, e2, nz),
@@ -211,11 +232,39 @@ def test_layouts(kernel):
             sample.transpose(2, 3).contiguous().transpose(2, 3),
             torch.cat([mo, mo], dim=1)[:, ::2],
             e1.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
-            e2[:1].expand(shape),
+            e2[:1].expand(sample.shape),
             nz.flip(0),
         ),
     }
+
+
+def test_layouts(kernel):
+    """A launcher takes sample contiguous or channels-last with every other tensor in sample's
+    strides (what the public op hands over), uses them in place and keeps the layout."""
+    fn, device = kernel
+    shape = (2, 4, 6, 5)
+    sample, mo, coeffs, e1, e2, nz = _inputs(shape, (torch.float32,) * 5, device, cfg=True,
+                                             extras=(True, True, True))
+    cl = torch.channels_last
+    cases = _layout_cases(sample, mo, e1, e2, nz)
+    cases = {"all contiguous": (sample, mo, e1, e2, nz), "all channels-last": cases["all channels-last"]}
     for name, (s, m, a, b, c) in cases.items():
+        out, x0 = _check(fn, (s, m, coeffs, a, b, c), guidance_scale=2.0, clip=None, return_x0=True)
+        if s.is_contiguous(memory_format=cl) and not s.is_contiguous():
+            assert out.is_contiguous(memory_format=cl) and x0.is_contiguous(memory_format=cl), name
+
+
+@pytest.mark.parametrize("backend", _native_backends())
+def test_layouts_through_op(backend):
+    """Mixed layouts go through the public op: channels-last is used in place (and kept); other strides
+    are copied into sample's layout before the kernel runs."""
+    device = "cuda" if backend == "cuda" else DEVICE
+    fn = _op_fn(backend)
+    shape = (2, 4, 6, 5)
+    sample, mo, coeffs, e1, e2, nz = _inputs(shape, (torch.float32,) * 5, device, cfg=True,
+                                             extras=(True, True, True))
+    cl = torch.channels_last
+    for name, (s, m, a, b, c) in _layout_cases(sample, mo, e1, e2, nz).items():
         out, x0 = _check(fn, (s, m, coeffs, a, b, c), guidance_scale=2.0, clip=None, return_x0=True)
         if s.is_contiguous(memory_format=cl) and not s.is_contiguous():
             assert out.is_contiguous(memory_format=cl) and x0.is_contiguous(memory_format=cl), name
@@ -240,11 +289,8 @@ def test_empty(kernel):
     assert out.shape == sample.shape and x0.shape == sample.shape
 
 
-def test_bad_inputs(kernel):
-    fn, device = kernel
-    sample, mo, coeffs, e1, *_ = _inputs((2, 4, 3, 3), (torch.float32,) * 5, device, cfg=False,
-                                         extras=(True, False, False))
-    bad = [
+def _bad_cases(sample, mo, coeffs, e1):
+    return [
         (sample, mo[:1], coeffs, None, None),           # model_output batch
         (sample, mo, coeffs, e1[:, :2], None),          # extra1 shape
         (sample, mo, coeffs[:, :5].contiguous(), None, None),  # coeffs width
@@ -252,8 +298,35 @@ def test_bad_inputs(kernel):
         (sample, mo, coeffs, None, 2.0),                # CFG needs a (2N, ...) model_output
         (sample.to(torch.int32), mo, coeffs, None, None),
     ]
-    for s, m, c, a, g in bad:
-        with pytest.raises((ValueError, TypeError, RuntimeError)):
+
+
+def test_bad_inputs(kernel):
+    # A launcher refuses what the public op never hands over: the Triton launcher by a precondition
+    # assert, the C++ ones by TORCH_CHECK (the clear messages are the op's, below).
+    fn, device = kernel
+    sample, mo, coeffs, e1, *_ = _inputs((2, 4, 3, 3), (torch.float32,) * 5, device, cfg=False,
+                                         extras=(True, False, False))
+    for s, m, c, a, g in _bad_cases(sample, mo, coeffs, e1):
+        with pytest.raises((ValueError, TypeError, RuntimeError, AssertionError)):
+            fn(s, m, c, a, None, None, g, None, False)
+
+
+@pytest.mark.parametrize("backend", _native_backends())
+def test_bad_inputs_through_op(backend):
+    device = "cuda" if backend == "cuda" else DEVICE
+    fn = _op_fn(backend)
+    sample, mo, coeffs, e1, *_ = _inputs((2, 4, 3, 3), (torch.float32,) * 5, device, cfg=False,
+                                         extras=(True, False, False))
+    for s, m, c, a, g in _bad_cases(sample, mo, coeffs, e1):
+        if c.shape[1] != 7:  # a StepUpdate always flattens to seven coefficients
+            continue
+        if c.dtype == torch.float64:
+            # The op takes coefficients of any float dtype (as Python floats or tensors) and rounds
+            # them to the kernels' float32 row.
+            torch.testing.assert_close(fn(s, m, c, a, None, None, g, None, False)[0],
+                                       fn(s, m, c.float(), a, None, None, g, None, False)[0], rtol=0, atol=0)
+            continue
+        with pytest.raises((ValueError, TypeError)):
             fn(s, m, c, a, None, None, g, None, False)
 
 
@@ -262,7 +335,7 @@ def test_bad_inputs(kernel):
 
 def _op_backends():
     out = []
-    for name in sampling_ops._supported_backends():
+    for name in sampling_ops._op.backends:
         if name == "torch":
             continue
         marks = ()
@@ -282,11 +355,12 @@ def test_public_op(backend):
     mo = torch.randn((4, *shape[1:]), generator=gen).to(device, torch.float16)
     e1 = torch.randn(shape, generator=gen).to(device)
     nz = torch.randn(shape, generator=gen).to(device, torch.bfloat16)
-    coeffs = [0.9, -0.4, 0.3, 0.7, 0.1, 0.0, 0.2]
+    update = sampling_ops.StepUpdate(sampling_ops.X0From(0.9, -0.4), sample=0.3, x0=0.7, terms=((0.1, e1),),
+                                     noise=0.2)
     for rx in (False, True):
-        got = sampling_ops.sampling_step(x, mo, coeffs, extra1=e1, noise=nz, guidance_scale=4.0, clip=1.0,
+        got = sampling_ops.sampling_step(x, mo, update, noise=nz, guidance_scale=4.0, clip=1.0,
                                          return_x0=rx, backend=backend)
-        want = sampling_ops.sampling_step(x, mo, coeffs, extra1=e1, noise=nz, guidance_scale=4.0, clip=1.0,
+        want = sampling_ops.sampling_step(x, mo, update, noise=nz, guidance_scale=4.0, clip=1.0,
                                           return_x0=rx, backend="torch")
         if rx:
             assert isinstance(got, tuple) and len(got) == 2

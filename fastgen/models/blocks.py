@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -74,7 +73,6 @@ class GroupNorm(torch.nn.GroupNorm):
 # ------------------------------------------------------------------ attention
 
 _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_warned_attention_fallback: set = set()
 
 
 def _unsupported(name: str, value, default) -> None:
@@ -345,12 +343,11 @@ class Attention(torch.nn.Module):
             if requested not in (None, "torch"):
                 # Named backend: let the op raise its clear error.
                 return attention(q, k, v, scale=self.scale, backend=self.backend)
-            if requested is None and head_dim not in _warned_attention_fallback:
-                _warned_attention_fallback.add(head_dim)
-                warnings.warn(
+            if requested is None:
+                _backend.warn_once(
+                    ("Attention", "head_dim", head_dim),
                     f"fastgen Attention: head dim {head_dim} has no fastgen attention kernel "
                     f"(kernels: {ATTENTION_HEAD_DIMS}); using torch's scaled_dot_product_attention",
-                    RuntimeWarning,
                     stacklevel=3,
                 )
             return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
