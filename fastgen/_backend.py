@@ -175,6 +175,9 @@ _warned: set[tuple] = set()
 _auto_choice: dict[tuple, str] = {}
 
 
+# Python state only (argument, context, environment), so torch.compile may evaluate it once while tracing
+# (it cannot trace ContextVar.get).
+@torch.compiler.assume_constant_result
 def requested_backend(explicit: Optional[str] = None) -> Optional[str]:
     """The backend asked for by name (argument, context, env), or None for automatic."""
     if explicit is not None:

@@ -128,6 +128,17 @@ def test_env_override_reaches_the_op(isolated, monkeypatch):
         attention(q, q, q)
 
 
+def test_a_named_backend_never_reads_the_choice(isolated, monkeypatch):
+    # The measured choice only decides between cpu and torch for an automatic call: a backend named by
+    # argument or FASTGEN_BACKEND neither reads the tables nor trips over a bad FASTGEN_ATTENTION_CPU.
+    q = torch.randn(1, 2, 16, 32)
+    want = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    monkeypatch.setenv(choice.ENV, "fastest")
+    torch.testing.assert_close(attention(q, q, q, backend="torch"), want, rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("FASTGEN_BACKEND", "torch")
+    torch.testing.assert_close(attention(q, q, q), want, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ user table
 
 

@@ -248,6 +248,9 @@ def mode() -> str:
     raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(MODES)} (or unset, which means auto)")
 
 
+# A performance choice from data and the environment, never from tensor values: torch.compile evaluates it
+# once while tracing (it cannot trace the file reads behind it) and bakes the answer into the graph.
+@torch.compiler.assume_constant_result
 def cpu_kernel_is_faster(nq: int, nk: int, head_dim: int, dtype: torch.dtype, training: bool) -> bool:
     """Whether the automatic backend choice takes the C++ kernel over SDPA for this shape on CPU."""
     value = os.environ.get(ENV)

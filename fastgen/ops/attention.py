@@ -10,7 +10,10 @@ For this op the ``torch`` backend is PyTorch's fused
 (:func:`attention_reference`) materialises the Nq x Nk score matrix, which no
 backend may do (a 16k-token self-attention would need 8 GiB for it). The
 automatic choice on CPU takes whichever of the C++ kernel and SDPA was measured
-faster for the shape (benchmarks/results/), never assuming.
+faster for the shape, never assuming: the measurements are data
+(fastgen/data/attention_cpu_choice.json, or the user's own from
+``fastgen bench attention --tune``), overridden by ``FASTGEN_ATTENTION_CPU``;
+see fastgen/ops/_attention_cpu_choice.py.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 512)
 CUDA_HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)
 TRITON_MAX_HEAD_DIM = 160
+TRITON_MAX_BATCH_HEADS = 65535  # the launch grid's y dimension
 
 
 # ------------------------------------------------------------------ reference
@@ -133,10 +137,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     """
     _check_inputs(q, k, v)
     scale = _default_scale(q, scale)
+    requested = _backend.requested_backend(backend)
     chosen = _op.resolve(
         q.device,
-        backend,
-        preference=_preference(q, k, v),
+        requested,
+        # the measured CPU choice decides only an automatic choice (a named backend never reads it)
+        preference=_preference(q, k, v) if requested is None else None,
         unsupported_reason=_unsupported(q),
     )
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -152,6 +158,9 @@ def _unsupported(q: Tensor) -> dict[str, str]:
         why["cuda"] = "the CUDA kernel takes fp16/bf16 (tensor cores); fp32 goes to Triton"
     if d > TRITON_MAX_HEAD_DIM:
         why["triton"] = f"the Triton kernel handles head dims up to {TRITON_MAX_HEAD_DIM}, got {d}"
+    elif q.shape[0] * q.shape[1] > TRITON_MAX_BATCH_HEADS:
+        why["triton"] = (f"the Triton kernel's grid takes batch x heads up to {TRITON_MAX_BATCH_HEADS}, "
+                         f"got {q.shape[0] * q.shape[1]}")
     return why
 
 
