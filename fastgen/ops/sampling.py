@@ -85,11 +85,11 @@ def _reference_step(
 ) -> tuple[Tensor, Tensor]:
     """The kernel contract, in plain PyTorch (fp32 math): ``(out, x0)``, x0 empty unless ``return_x0``.
 
-    ``coeffs`` is an fp32 (N, 7) row per sample; the other tensors share sample's memory order (batch-outer
+    ``coeffs`` is fp32, an (N, 7) row per sample or one (7,) row for all; the other tensors share sample's memory order (batch-outer
     dense), ``model_output`` with a doubled batch under guidance.
     """
     n = sample.shape[0]
-    c = coeffs.reshape(n, NUM_COEFFS, *([1] * (sample.dim() - 1))).unbind(1)
+    c = coeffs.reshape(-1, NUM_COEFFS, *([1] * (sample.dim() - 1))).unbind(1)  # (7,) is shared by the batch
     e = model_output.float()
     if guidance_scale is not None:
         uncond, cond = e[:n], e[n:]
@@ -116,7 +116,7 @@ def _step_backward(step, dout, dx0, sample, model_output, coeffs, guidance_scale
     ``d_e`` is a scale of its x0 output.
     """
     n = sample.shape[0]
-    c = coeffs.reshape(n, NUM_COEFFS)
+    c = coeffs.reshape(-1, NUM_COEFFS).expand(n, NUM_COEFFS)
     zero, one = torch.zeros_like(c[:, 0]), torch.ones_like(c[:, 0])
     view = (n, *([1] * (sample.dim() - 1)))
     if clip is None:
@@ -180,7 +180,8 @@ def _grads(ctx, dout, dx0):
     d_sample, d_e = _op.backward(ctx, dout, dx0, sample, model_output, coeffs, g, ctx.clip)
     d_output = d_e if g is None else torch.cat([(1.0 - g) * d_e, g * d_e])
     view = (n, *([1] * (sample.dim() - 1)))
-    d_terms = [None if dt is None else (coeffs[:, j].reshape(view) * dout.float()).to(dt)
+    rows = coeffs.reshape(-1, NUM_COEFFS)
+    d_terms = [None if dt is None else (rows[:, j].reshape(-1, *view[1:]) * dout.float()).to(dt)
                for j, dt in zip((4, 5, 6), ctx.dtypes)]
     return (d_sample, d_output.to(model_output.dtype), None, *d_terms, None, None, None)
 
@@ -252,7 +253,8 @@ def v_target(x0: Tensor, noise: Tensor, sqrt_alpha: Tensor, sqrt_one_minus_alpha
 
 
 def _flatten(update: StepUpdate, sample: Tensor):
-    """The kernel's fp32 ``(N, 7)`` coefficient rows and its two extra tensors from a :class:`StepUpdate`."""
+    """The kernel's fp32 coefficient rows — one shared ``(7,)`` row, or ``(N, 7)`` when a coefficient is per
+    sample — and its two extra tensors, from a :class:`StepUpdate`."""
     if not isinstance(update, StepUpdate):
         raise TypeError(
             f"sampling_step: update must be a fastgen.ops.sampling.StepUpdate, got {type(update).__name__}"
@@ -260,19 +262,23 @@ def _flatten(update: StepUpdate, sample: Tensor):
     check_tensor("sample", sample)
     if sample.dim() < 1:
         raise ValueError("sampling_step: sample must have a batch dimension")
-    terms = tuple(update.terms)
-    if len(terms) > 2 or any(not isinstance(t, tuple) or len(t) != 2 for t in terms):
+    try:
+        if len(update.terms) > 2:
+            raise ValueError
+        padded = (*update.terms, (0.0, None), (0.0, None))  # absent terms: coefficient 0, no tensor
+        (c4, e1), (c5, e2) = padded[0], padded[1]
+    except (TypeError, ValueError):
         raise ValueError(
             f"sampling_step: update.terms must be at most two (coefficient, tensor) pairs, got {update.terms!r}"
-        )
-    (c4, e1), (c5, e2) = (terms + ((0.0, None), (0.0, None)))[:2]
+        ) from None
     x0_from = update.x0_from
     row = (x0_from[0], x0_from[1], update.sample, update.x0, c4, c5, update.noise)
+    if type(row[0]) is type(row[1]) is type(row[2]) is type(row[3]) is type(row[4]) is type(row[5]) is \
+            type(row[6]) is float:
+        # The schedulers' per-step row, shared by the batch: one (7,) tensor straight from the Python floats
+        # (float64 -> float32 rounding, as the general path), the cheapest tensor to build per step.
+        return torch.tensor(row, dtype=torch.float32, device=sample.device), e1, e2
     n = sample.shape[0]
-    if all(type(v) is float for v in row):
-        # The schedulers' per-step row: built straight from the Python floats (float64 -> float32 rounding,
-        # as the general path), at a fifth of its cost.
-        return torch.tensor((row,) * n, dtype=torch.float32, device=sample.device), e1, e2
     cols = []
     for name, v in zip(_COEFF_NAMES, row):
         if isinstance(v, Tensor):
