@@ -458,8 +458,13 @@ def test_bad_steps_raise_clear_errors(name):
     s = getattr(F, name)()
     x = torch.randn(SHAPE)
     t0 = float(s.timesteps[0]) if s.timesteps.dtype.is_floating_point else int(s.timesteps[0])
-    with pytest.raises(ValueError, match="set_timesteps"):
-        s.step(x, torch.tensor(t0), x)
+    if name == "DDPMScheduler":
+        # diffusers' DDPM constructor sets the full schedule, so it steps before set_timesteps (to t - 1): so
+        # does fastgen's (issue 8, item 7), on the same numbers (test_ddpm_steps_before_set_timesteps_like_diffusers)
+        assert s.step(x, torch.tensor(t0), x, generator=torch.Generator().manual_seed(0)).prev_sample.shape == x.shape
+    else:
+        with pytest.raises(ValueError, match="set_timesteps"):
+            s.step(x, torch.tensor(t0), x)
     for bad in (0, 1001):
         with pytest.raises(ValueError, match="num_inference_steps"):
             s.set_timesteps(bad)
@@ -467,8 +472,18 @@ def test_bad_steps_raise_clear_errors(name):
         s.set_timesteps(2.5)
     s.set_timesteps(10)
     t = s.timesteps[0]
-    with pytest.raises(ValueError, match="not in the schedule"):
-        s.step(x, t - 0.5 if t.is_floating_point() else t - 1, x)
+    if name == "DDIMScheduler":
+        # diffusers' DDIM steps from any trained timestep t to t - T // n, a well-defined DDIM jump, and fastgen's
+        # does the same (issue 8, item 7: the error stays only where diffusers' result would be wrong); a
+        # timestep that is no trained one still raises
+        ref = diffusers.DDIMScheduler()
+        ref.set_timesteps(10)
+        torch.testing.assert_close(s.step(x, t - 1, x).prev_sample, ref.step(x, t - 1, x).prev_sample, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="not in the schedule"):
+            s.step(x, t.double() - 0.5, x)
+    else:
+        with pytest.raises(ValueError, match="not in the schedule"):
+            s.step(x, t - 0.5 if t.is_floating_point() else t - 1, x)
     with pytest.raises(ValueError, match="shape"):
         s.step(x[:, :3], t, x)
     with pytest.raises(ValueError, match="uncond; cond"):

@@ -1,12 +1,16 @@
 """Noise schedules, k-diffusion-style sampler functions and diffusers-compatible scheduler classes.
 
-One implementation serves both APIs: the per-step math lives in :mod:`fastgen.schedulers.steps` (float64
-coefficients over noise levels, applied by one fused ``fastgen.ops.sampling.sampling_step`` call per model
-evaluation); the sampler functions (:mod:`.sampling`) loop over it, and the scheduler classes are thin
-stateful wrappers that compute the same levels from diffusers' configs.
+One implementation serves both APIs: the per-step math lives in :mod:`fastgen.schedulers.steps` (each step a
+``StepUpdate`` of float64 coefficients over noise levels, applied by one fused
+``fastgen.ops.sampling.sampling_step`` call per model evaluation); the sampler functions (:mod:`.sampling`)
+loop over it, and the scheduler classes are thin stateful wrappers that compute the same levels from
+diffusers' configs. Module layout: ``_config`` (config and serialisation), ``_base`` (outputs, tables,
+checks), ``_vp`` (DDPM/DDIM base), ``_sigma_table`` (step index, VE sigma-table base), one module per
+scheduler. See docs/schedulers.md.
 """
 
-from ._base import FrozenConfig, SchedulerOutput
+from ._base import SchedulerOutput
+from ._config import FrozenConfig
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .denoisers import CFGDenoiser, DiscreteDenoiser, EpsDenoiser, VDenoiser, X0Denoiser

@@ -8,42 +8,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..ops.sampling import q_sample, v_target
-from ._base import BaseScheduler, SchedulerOutput, register_to_config
+from ._base import SchedulerOutput
+from ._config import register_to_config
+from ._vp import VPScheduler, zero_snr_step_error
 from .schedules import check_num_inference_steps, spaced_timesteps
-from .steps import DDPM_VARIANCE_TYPES, Level, Prediction, ddpm_step, vp_level, x0_coeffs
+from .steps import DDPM_VARIANCE_TYPES, Level, ddpm_step, predict, vp_level
 
-__all__ = ["DDPMScheduler"]
-
-
-class VPScheduler(BaseScheduler):
-    """Schedulers whose state is the VP sample itself (DDPM, DDIM): no input scaling, abar-based forward process."""
-
-    def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
-        """The sample goes to the model unscaled."""
-        return sample
-
-    def _sqrt_alphas(self, timesteps, ref: Tensor) -> tuple[Tensor, Tensor]:
-        ts = torch.as_tensor(timesteps).to("cpu").long().flatten()
-        T = self.config.num_train_timesteps
-        if ts.numel() == 0 or bool((ts < 0).any()) or bool((ts >= T).any()):
-            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {ts.tolist()}")
-        if ts.numel() == 1:
-            ts = ts.expand(ref.shape[0])
-        if ts.numel() != ref.shape[0]:
-            raise ValueError(f"need one timestep or one per sample ({ref.shape[0]}), got {ts.numel()}")
-        ac = self.alphas_cumprod[ts].double()
-        return ac.sqrt().to(ref.device), (1 - ac).sqrt().to(ref.device)
-
-    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
-        """Forward process ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` with per-sample timesteps."""
-        a, s = self._sqrt_alphas(timesteps, original_samples)
-        return q_sample(original_samples, noise, a, s)
-
-    def get_velocity(self, sample: Tensor, noise: Tensor, timesteps) -> Tensor:
-        """The v-prediction target ``sqrt(abar_t) noise - sqrt(1 - abar_t) x0``."""
-        a, s = self._sqrt_alphas(timesteps, sample)
-        return v_target(sample, noise, a, s)
+__all__ = ["DDPMScheduler", "VPScheduler"]
 
 
 class DDPMScheduler(VPScheduler):
@@ -80,8 +51,9 @@ class DDPMScheduler(VPScheduler):
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.variance_type = variance_type
+        # the full schedule, as diffusers: step() works before set_timesteps (each step to t - 1)
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy())
-        self._index = {}
+        self._step_tables()
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None) -> None:
         """Pick the inference timesteps (``timestep_spacing``), or take custom descending ``timesteps``."""
@@ -104,20 +76,25 @@ class DDPMScheduler(VPScheduler):
             self.custom_timesteps = False
             self.num_inference_steps = num_inference_steps
         self.timesteps = torch.from_numpy(ts).to(device)
-        self._index = {int(t): i for i, t in enumerate(ts.tolist())}
+        self._step_tables()
 
-    def previous_timestep(self, timestep) -> int:
-        """The timestep after ``timestep`` in the schedule (-1 after the last)."""
-        t = self._integer_timestep(timestep)
-        i = self._index[t]
-        ts = self._floats("timesteps")
-        return int(ts[i + 1]) if i + 1 < len(ts) else -1
+    def previous_timestep(self, timestep):
+        """The timestep after ``timestep``: the next one of the schedule (a tensor, -1 after the last), or
+        ``timestep - 1`` before ``set_timesteps`` (the constructor's full schedule), as diffusers returns them."""
+        tables = self._step_tables()
+        t = self._integer_timestep(timestep, tables)
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return timestep - 1
+        i = tables.index[t]
+        return self._timesteps[i + 1] if i + 1 < len(tables.timesteps) else torch.tensor(-1)
 
-    def _levels(self, t: int) -> tuple[Level, Level]:
-        prev = self.previous_timestep(t)
-        abar = self._floats("alphas_cumprod")
-        nxt = vp_level(abar[prev]) if prev >= 0 else Level(1.0, 0.0)
-        return vp_level(abar[t]), nxt
+    def _levels(self, t: int, tables) -> tuple[Level, Level]:
+        i = tables.index[t]
+        prev = tables.timesteps[i + 1] if i + 1 < len(tables.timesteps) else -1
+        nxt = vp_level(tables.abar[prev]) if prev >= 0 else Level(1.0, 0.0)
+        if nxt.alpha == 0:
+            raise ValueError(zero_snr_step_error(self, t, prev, tables.abar))
+        return vp_level(tables.abar[t]), nxt
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True, *,
              guidance_scale: Optional[float] = None):
@@ -127,22 +104,21 @@ class DDPMScheduler(VPScheduler):
         A model with learned variance returns ``2C`` channels; the variance half (of the cond half under
         guidance) sets the noise.
         """
-        self._require_timesteps()
         learned = self.variance_type in ("learned", "learned_range")
-        self._check_step_inputs(model_output, sample, guidance_scale, extra_channels=learned)
-        t = self._integer_timestep(timestep)
-        cur, nxt = self._levels(t)
+        self._check_step_inputs(model_output, sample)
+        tables = self._step_tables()
+        t = self._integer_timestep(timestep, tables)
+        cur, nxt = self._levels(t, tables)
         predicted_variance = None
         if learned and model_output.shape[1] == 2 * sample.shape[1]:
             c = sample.shape[1]
             predicted_variance = model_output[sample.shape[0]:, c:] if guidance_scale is not None else model_output[:, c:]
             model_output = model_output[:, :c].contiguous()
-        c0, c1 = x0_coeffs(self.config.prediction_type, cur)
-        pred = Prediction(model_output, c0, c1, guidance_scale)
+        clip = float(self.config.clip_sample_range) if self.config.clip_sample else None
+        pred = predict(model_output, self.config.prediction_type, cur, guidance_scale, clip=clip)
         noise = None
         if t > 0:  # diffusers draws for every t > 0 (the noise is ~1e-10 on a last step to abar = 1)
             noise = self._noise_for(generator).randn(sample.shape, sample.device, model_output.dtype)
-        clip = float(self.config.clip_sample_range) if self.config.clip_sample else None
         prev_sample, x0 = ddpm_step(pred, sample, cur, nxt, variance_type=self.variance_type, noise=noise,
                                     predicted_variance=predicted_variance, clip=clip, return_x0=True)
         if not return_dict:

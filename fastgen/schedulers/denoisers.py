@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.sampling import sampling_step
+from ..ops.sampling import StepUpdate, X0From, sampling_step
 from .schedules import DiscreteSchedule
-from .steps import Prediction, check_prediction_type, ve_level, x0_coeffs
+from .steps import Prediction, check_prediction_type, predict as predict_x0, ve_level, x0_coeffs
 
 __all__ = ["DiscreteDenoiser", "EpsDenoiser", "VDenoiser", "X0Denoiser", "CFGDenoiser", "predict"]
 
@@ -104,8 +104,7 @@ class DiscreteDenoiser:
         s = _sigma_value(sigma)
         x_in, t = self.model_input(x, s)
         out = _unwrap(self.model(x_in, t, **extra_args))
-        c0, c1 = x0_coeffs(self.prediction_type, ve_level(s))
-        return Prediction(out, c0, c1)
+        return predict_x0(out, self.prediction_type, ve_level(s))
 
     def __call__(self, x: Tensor, sigma, **extra_args) -> Tensor:
         """x0 prediction ``D(x, sigma)`` (sigma: a float, or one per sample)."""
@@ -119,11 +118,9 @@ class DiscreteDenoiser:
         x_in = x / (sig**2 + 1).sqrt().to(x).reshape(view)
         t = self.sigma_to_t(sig).to(device=x.device, dtype=torch.float32)
         out = _unwrap(self.model(x_in, t, **extra_args))
-        rows = torch.zeros(x.shape[0], 7, dtype=torch.float64)
-        for i, s in enumerate(sig.tolist()):
-            rows[i, 0], rows[i, 1] = x0_coeffs(self.prediction_type, ve_level(s))
-        rows[:, 3] = 1.0
-        return sampling_step(x, out, rows, clip=self.clip)
+        # one x0 map per sample: X0From with (N,) coefficient tensors
+        c0, c1 = torch.tensor([x0_coeffs(self.prediction_type, ve_level(s)) for s in sig.tolist()], dtype=torch.float64).unbind(1)
+        return sampling_step(x, out, StepUpdate(X0From(c0, c1), x0=1.0), clip=self.clip)
 
 
 class EpsDenoiser(DiscreteDenoiser):
@@ -175,8 +172,7 @@ class CFGDenoiser:
 
 def to_x0(pred: Prediction, x: Tensor, clip: Optional[float] = None) -> Tensor:
     """Materialise the x0 of a prediction (one kernel call: out = x0)."""
-    return sampling_step(x, pred.output, [pred.c0, pred.c1, 0.0, 1.0, 0.0, 0.0, 0.0],
-                         guidance_scale=pred.guidance_scale, clip=clip)
+    return sampling_step(x, pred.output, StepUpdate(pred.x0_from, x0=1.0), guidance_scale=pred.guidance_scale, clip=clip)
 
 
 def predict(denoiser, x: Tensor, sigma: float, extra_args: dict) -> Prediction:
@@ -187,4 +183,4 @@ def predict(denoiser, x: Tensor, sigma: float, extra_args: dict) -> Prediction:
     if not isinstance(out, Tensor) or out.shape != x.shape:
         raise ValueError(f"denoiser must return an x0 tensor of shape {tuple(x.shape)}, got "
                          f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
-    return Prediction(out, 0.0, 1.0)
+    return Prediction(out, X0From(sample=0.0, output=1.0))

@@ -7,6 +7,7 @@ to two earlier x0 predictions (the multistep history, kept as tensors here) and 
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -14,9 +15,11 @@ import torch
 from torch import Tensor
 
 from ..ops.sampling import q_sample
-from ._base import SchedulerOutput, SigmaSchedulerBase, register_to_config
+from ._base import SchedulerOutput, float_list
+from ._config import register_to_config
+from ._sigma_table import SigmaSchedulerBase, SigmaTables
 from .schedules import check_num_inference_steps, exponential_sigmas, karras_sigmas, spaced_timesteps
-from .steps import Prediction, dpm_solver_order, dpmpp_step, vp_level_from_sigma, x0_coeffs
+from .steps import dpm_solver_order, dpmpp_step, predict, vp_level_from_sigma
 
 __all__ = ["DPMSolverMultistepScheduler"]
 
@@ -88,7 +91,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
         self.model_outputs = [None] * solver_order
         self.lower_order_nums = 0
-        self._reset_index()
+        self._reset_index()  # (tables are built by set_timesteps: diffusers' DPM-Solver cannot step before it)
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, mu=None, timesteps=None) -> None:
         """Timesteps (int64) and sigmas (float64, final sigma appended), as diffusers builds them."""
@@ -133,28 +136,36 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
         self.model_outputs = [None] * cfg.solver_order
         self.lower_order_nums = 0
         self._reset_index()
+        self._step_tables()
 
     def _spaced(self, n: int) -> np.ndarray:
         cfg = self.config
         T = cfg.num_train_timesteps
-        ac = self.alphas_cumprod.double()
+        ac = self._alphas_cumprod.double()
         lambdas = 0.5 * (ac.log() - (1 - ac).log())  # log(alpha / sigma), descending in t
         clipped = int(torch.searchsorted(lambdas.flip(0), torch.tensor([float(cfg.lambda_min_clipped)], dtype=torch.float64)))
         last = T - clipped
-        # DPM-Solver spaces n + 1 points and drops t = 0, so its last step still lands on a trained level
-        if cfg.timestep_spacing in ("linspace", "leading"):
-            return spaced_timesteps(n + 1, last, cfg.timestep_spacing, cfg.steps_offset)[:-1].copy()
+        # DPM-Solver spaces n + 1 points and drops t = 0, so its last step still lands on a trained level; with
+        # n = num_train_timesteps that is one point more than there are levels (diffusers' formulas, unchecked)
+        if cfg.timestep_spacing == "linspace":
+            return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        if cfg.timestep_spacing == "leading":
+            ratio = last // (n + 1)
+            if ratio == 0:
+                warnings.warn(
+                    f"DPMSolverMultistepScheduler: timestep_spacing='leading' with {n} steps over {last} timesteps "
+                    "gives every step timestep 0 (as diffusers does); use 'linspace' or 'trailing'",
+                    stacklevel=3,
+                )
+            return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + cfg.steps_offset
         if cfg.timestep_spacing == "trailing":
             return np.arange(last, 0, -T / n).round().astype(np.int64) - 1
         return spaced_timesteps(n, T, cfg.timestep_spacing)  # raises the unknown-spacing error
 
-    def _vp_levels(self) -> list:
-        """The VP level of every sigma, rebuilt with the sigma list (see ``_floats``)."""
-        sigmas = self._floats("sigmas")
-        cached = self.__dict__.get("_vp_level_cache")
-        if cached is None or cached[0] is not sigmas:
-            cached = self._vp_level_cache = (sigmas, [vp_level_from_sigma(s) for s in sigmas])
-        return cached[1]
+    def _build_tables(self) -> SigmaTables:
+        """The sigmas and timesteps as floats, and the VP level of every sigma."""
+        sigmas = float_list(self._sigmas)
+        return SigmaTables(sigmas, float_list(self._timesteps), [vp_level_from_sigma(s) for s in sigmas])
 
     def scale_model_input(self, sample: Tensor, *args, **kwargs) -> Tensor:
         """The sample goes to the model unscaled."""
@@ -165,18 +176,18 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
              guidance_scale: Optional[float] = None):
         """One multistep update; returns ``(prev_sample,)`` with ``return_dict=False`` like diffusers."""
         cfg = self.config
-        learned = cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon"
-        self._check_step_inputs(model_output, sample, guidance_scale, extra_channels=learned)
-        i = self._enter_step(timestep)
-        if model_output.shape[1] != sample.shape[1]:  # learned variance: keep the eps half
+        self._check_step_inputs(model_output, sample)
+        i, tables = self._enter_step(timestep)
+        if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon" and (
+            model_output.dim() > 1 and model_output.shape[1] == 2 * sample.shape[1]
+        ):  # learned variance: keep the eps half
             model_output = model_output[:, : sample.shape[1]].contiguous()
-        n = len(self._floats("timesteps"))
+        n = len(tables.timesteps)
         k = dpm_solver_order(i, n, cfg.solver_order, self.lower_order_nums, lower_order_final=cfg.lower_order_final,
                              euler_at_final=cfg.euler_at_final, final_sigma_zero=cfg.final_sigmas_type == "zero")
-        levels_all = self._vp_levels()
+        levels_all = tables.levels
         cur = levels_all[i]
-        c0, c1 = x0_coeffs(cfg.prediction_type, cur)
-        pred = Prediction(model_output, c0, c1, guidance_scale)
+        pred = predict(model_output, cfg.prediction_type, cur, guidance_scale)
         sde = cfg.algorithm_type == "sde-dpmsolver++"
         noise = None
         if sde:
@@ -185,8 +196,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
             else:
                 noise = self._noise_for(generator).randn(sample.shape, sample.device, torch.float32)
             noise = noise.to(sample.dtype)
-        levels = [cur] + [levels_all[i - j] for j in (1, 2) if i - j >= 0]
-        history = [m for m in self.model_outputs[::-1] if m is not None]  # newest first: m1, m2
+        levels = levels_all[max(i - 2, 0) : i + 1][::-1]  # this step's level, then earlier ones (newest first)
+        history = self.model_outputs[::-1]  # earlier x0 predictions, newest first: m1, m2 (as the order needs)
         prev_sample, x0 = dpmpp_step(pred, sample, levels_all[i + 1], levels, history, order=k,
                                      solver_type=cfg.solver_type, sde=sde, noise=noise)
         self.model_outputs = self.model_outputs[1:] + [x0]
@@ -198,12 +209,6 @@ class DPMSolverMultistepScheduler(SigmaSchedulerBase):
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
         """``alpha_t x0 + sigma_t noise`` (VP) for timesteps of the schedule (or at the begin index when set)."""
-        ts = torch.as_tensor(timesteps).reshape(-1)
-        idx = self._sigma_indices(ts, original_samples.shape[0])
-        if len(idx) == 1:
-            idx = idx * original_samples.shape[0]
-        if len(idx) != original_samples.shape[0]:
-            raise ValueError(f"need one timestep or one per sample ({original_samples.shape[0]}), got {len(idx)}")
-        sigma = self.sigmas[idx]
+        sigma = self._add_noise_sigmas(original_samples, timesteps)
         alpha = 1.0 / (sigma**2 + 1).sqrt()
         return q_sample(original_samples, noise, alpha.to(original_samples.device), (sigma * alpha).to(original_samples.device))

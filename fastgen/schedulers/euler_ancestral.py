@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import SchedulerOutput, register_to_config
-from .euler import SigmaTableScheduler
+from ._base import SchedulerOutput
+from ._config import register_to_config
+from ._sigma_table import SigmaTableScheduler
 from .steps import euler_ancestral_step
 
 __all__ = ["EulerAncestralDiscreteScheduler"]
@@ -44,14 +45,15 @@ class EulerAncestralDiscreteScheduler(SigmaTableScheduler):
         self.timesteps = torch.from_numpy(np.asarray(ts, dtype=np.float32)).to(device)
         self.sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float64))
         self._reset_index()
+        self._step_tables()
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True, *,
              guidance_scale: Optional[float] = None):
         """Euler step to sigma_down plus sigma_up of fresh noise (drawn at every step, as diffusers does)."""
         self._reject_integer_timestep(timestep, type(self).__name__)
-        self._check_step_inputs(model_output, sample, guidance_scale)
-        i = self._enter_step(timestep)
-        sigma, sigma_next = self._floats("sigmas")[i : i + 2]
+        self._check_step_inputs(model_output, sample)
+        i, tables = self._enter_step(timestep)
+        sigma, sigma_next = tables.sigmas[i : i + 2]
         pred = self._x0(model_output, sigma, guidance_scale)
         z = self._noise_for(generator).randn(sample.shape, sample.device, model_output.dtype)
         prev_sample, x0 = euler_ancestral_step(pred, sample, sigma, sigma_next, noise=z, return_x0=True)

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import SchedulerOutput, register_to_config
-from .euler import SigmaTableScheduler
+from ._base import SchedulerOutput
+from ._config import register_to_config
+from ._sigma_table import SigmaTableScheduler
 from .steps import euler_step, heun_correct_step
 
 __all__ = ["HeunDiscreteScheduler"]
@@ -58,30 +59,44 @@ class HeunDiscreteScheduler(SigmaTableScheduler):
     def state_in_first_order(self) -> bool:
         return self.dt is None
 
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """Timesteps (float32) and sigmas (float64, ending at 0), every entry after the first listed twice."""
-        ts, sigmas = self._spaced_sigmas(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
-        sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float64))
-        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
+                      num_train_timesteps: Optional[int] = None, timesteps=None, sigmas=None) -> None:
+        """Timesteps (float32) and sigmas (float64, ending at 0), every entry after the first listed twice.
+
+        As diffusers', custom ``timesteps`` replace ``num_inference_steps`` and ``num_train_timesteps`` sets the
+        range they are spaced over; custom ``sigmas`` (with the final one) are a fastgen extension, as Euler's.
+        """
+        if num_inference_steps is None and timesteps is None and sigmas is None:
+            raise ValueError("Must pass exactly one of `num_inference_steps` or `custom_timesteps`.")
+        if num_inference_steps is not None and (timesteps is not None or sigmas is not None):
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        if num_inference_steps is not None:
+            ts, sig = self._spaced_sigmas(num_inference_steps, num_train_timesteps)
+            sig = np.append(sig, 0.0)
+        else:
+            ts, sig = self._custom_schedule(timesteps, sigmas)
+        self.num_inference_steps = len(ts)
+        sig = torch.from_numpy(np.asarray(sig, dtype=np.float64))
+        self.sigmas = torch.cat([sig[:1], sig[1:-1].repeat_interleave(2), sig[-1:]])
         ts = torch.from_numpy(np.asarray(ts, dtype=np.float32))
         self.timesteps = torch.cat([ts[:1], ts[1:].repeat_interleave(2)]).to(device)
         self._reset_index()
         self._clear_state()
+        self._step_tables()
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True, *,
              guidance_scale: Optional[float] = None):
         """First call: Euler predictor. Second call (same sigma pair): Heun corrector back from the stored sample."""
-        self._check_step_inputs(model_output, sample, guidance_scale)
-        i = self._enter_step(timestep)
+        self._check_step_inputs(model_output, sample)
+        i, tables = self._enter_step(timestep)
         clip = float(self.config.clip_sample_range) if self.config.clip_sample else None
         if self.state_in_first_order:
-            sigma, sigma_next = self._floats("sigmas")[i : i + 2]
+            sigma, sigma_next = tables.sigmas[i : i + 2]
             pred = self._x0(model_output, sigma, guidance_scale)
             prev_sample, x0 = euler_step(pred, sample, sigma, sigma_next, clip=clip, return_x0=True)
             self.sample, self._x0_first, self.dt = sample, x0, sigma_next - sigma
         else:
-            sigma, sigma_next = self._floats("sigmas")[i - 1 : i + 1]
+            sigma, sigma_next = tables.sigmas[i - 1 : i + 1]
             pred = self._x0(model_output, sigma_next, guidance_scale)
             prev_sample, x0 = heun_correct_step(pred, sample, self.sample, self._x0_first, sigma, sigma_next,
                                                 clip=clip, return_x0=True)

@@ -8,9 +8,16 @@ the k-diffusion-style sampler functions and the Euler/Heun schedulers keep it in
 by a per-level scale), so the same function serves both, and its float64 coefficients go through one call
 of :func:`fastgen.ops.sampling.sampling_step` per model evaluation.
 
-A model output becomes a prediction of x0 through the affine map ``x0 = c0 * x + c1 * e``
-(:func:`x0_coeffs`), which the fused kernel applies together with classifier-free guidance and clipping.
-Identities the module relies on (all exact in exact arithmetic):
+Each method returns (or applies) a :class:`~fastgen.ops.sampling.StepUpdate`, the step written as the math
+it is: how x0 is formed from the model output (an :class:`~fastgen.ops.sampling.X0From`, carried by the
+:class:`Prediction`), the coefficients of the state and of x0, at most two ``(coefficient, tensor)`` terms
+and the noise coefficient. For example DPM-Solver++(2M) (midpoint), with ``D1 = (m0 - m1) / r0``::
+
+    StepUpdate(pred.x0_from, sample=sigma_n / sigma, x0=alpha_n * p + w, terms=((-w, m1),))
+    #  x_next = (sigma_n / sigma) x + alpha_n p m0 + w (m0 - m1) / r0 ... with w = alpha_n p / (2 r0)
+
+:func:`fastgen.ops.sampling.sampling_step` flattens it into the kernel's row and applies it together with the
+model-output-to-x0 map, classifier-free guidance and clipping. Identities the module relies on (all exact in exact arithmetic):
 
 * Euler (VE) is DDIM with eta=0; Euler ancestral (VE) is DDIM with eta; DDPM's posterior mean is DDIM's
   with eta=1; DPM-Solver++ first order is DDIM with eta=0 written with ``expm1``.
@@ -24,7 +31,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..ops.sampling import sampling_step
+from ..ops.sampling import StepUpdate, X0From, sampling_step
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -76,6 +83,8 @@ def x0_coeffs(prediction_type: str, level: Level) -> tuple[float, float]:
     """``(c0, c1)`` with ``x0 = c0 * x + c1 * model_output`` for a network predicting eps, v or x0."""
     a, s = level
     if prediction_type == "epsilon":
+        if a == 0:
+            raise ValueError(ZERO_SNR_EPS)
         return 1.0 / a, -s / a
     if prediction_type == "v_prediction":
         # v = a_vp * eps - s_vp * x0 in VP units, where x_vp = x / r: x0 = a_vp * x_vp - s_vp * v
@@ -87,40 +96,75 @@ def x0_coeffs(prediction_type: str, level: Level) -> tuple[float, float]:
     raise AssertionError
 
 
+ZERO_SNR_EPS = (
+    "an epsilon-prediction step at alphas_cumprod = 0 (zero terminal SNR, or beta_end = 1) has no finite x0 = "
+    "(x - sqrt(1 - abar) eps) / sqrt(abar): diffusers returns inf/NaN there. Use prediction_type='v_prediction' "
+    "(what zero-terminal-SNR models are trained with), clip_sample=True, or a timestep_spacing that does not "
+    "start at the last trained timestep"
+)
+
+# Stand-in for 1 / sqrt(abar) = inf at abar = 0 when x0 is clamped: x0 = 2^100 (x - eps) stays finite in
+# float32 for |x|, |eps| < 2^27 and clamps to clip * sign(x - eps), which is diffusers' clamp(inf * (x - eps)).
+_INF_SCALE = 2.0**100
+
+
+def x0_from(prediction_type: str, level: Level, *, clip: Optional[float] = None) -> X0From:
+    """How x0 is formed from a network predicting eps, v or x0 at ``level`` (:func:`x0_coeffs`, named).
+
+    At ``alpha = 0`` an eps-prediction has no finite x0; with ``clip`` it is the clamp of ``inf * (x - eps)``
+    as in diffusers, without it a clear ``ValueError`` (diffusers' result is inf/NaN)."""
+    if prediction_type == "epsilon" and level.alpha == 0 and clip is not None:
+        return X0From(_INF_SCALE, -_INF_SCALE * level.sigma)
+    c0, c1 = x0_coeffs(prediction_type, level)
+    return X0From(c0, c1)
+
+
 class Prediction(NamedTuple):
-    """A model output and the affine map to x0 (``x0 = c0 * x + c1 * output``).
+    """A model output ``e`` and how the step forms x0 from it (``x0 = x0_from.sample * x + x0_from.output * e``).
 
     With ``guidance_scale`` set, ``output`` is the ``[uncond; cond]`` batch (2N) and the kernel forms
-    ``uncond + g * (cond - uncond)`` itself.
+    ``e = uncond + g * (cond - uncond)`` itself. ``prediction_type`` (when known) lets a step that needs the
+    raw eps take it exactly from an eps-predicting model instead of through x0.
     """
 
     output: Tensor
-    c0: float
-    c1: float
+    x0_from: X0From
     guidance_scale: Optional[float] = None
+    prediction_type: Optional[str] = None
 
 
-def _apply(pred: Prediction, x: Tensor, c2=0.0, c3=0.0, c4=0.0, c5=0.0, c6=0.0, *, c_e=0.0, extra1=None, extra2=None,
-           noise=None, clip=None, return_x0=False):
-    """One fused kernel call: ``out = c2 x + c3 x0 + c4 extra1 + c5 extra2 + c6 noise + c_e e``.
+def predict(output: Tensor, prediction_type: str, level: Level, guidance_scale: Optional[float] = None, *,
+            clip: Optional[float] = None) -> Prediction:
+    """The :class:`Prediction` of a network predicting ``prediction_type`` at ``level`` (``clip``: the step
+    clamps x0, see :func:`x0_from`)."""
+    return Prediction(output, x0_from(prediction_type, level, clip=clip), guidance_scale, prediction_type)
 
-    A term in the raw (guided) model output ``e`` is routed through the extra slots: ``extra1 = e`` or, with
-    guidance, ``extra1 = uncond, extra2 = cond`` (contiguous views of the doubled batch, no copy).
-    """
-    if c_e != 0.0:
-        if extra1 is not None or extra2 is not None:
-            raise AssertionError("a raw model-output term needs the extra slots free")
-        out = pred.output
-        if pred.guidance_scale is None:
-            extra1, c4 = out, c_e
-        else:
-            n, g = x.shape[0], float(pred.guidance_scale)
-            extra1, extra2, c4, c5 = out[:n], out[n:], c_e * (1.0 - g), c_e * g
-    coeffs = [pred.c0, pred.c1, c2, c3, c4, c5, c6]
-    res = sampling_step(
-        x, pred.output, coeffs, extra1=extra1, extra2=extra2, noise=noise,
-        guidance_scale=pred.guidance_scale, clip=clip, return_x0=return_x0,
-    )
+
+def output_terms(pred: Prediction, n: int, coef: float) -> tuple:
+    """``coef * e`` as ``(coefficient, tensor)`` terms of a :class:`StepUpdate`: one term on the model output,
+    or under guidance ``coef (1 - g) uncond + coef g cond`` on the two halves of the ``[uncond; cond]`` batch
+    (contiguous views, no copy), since the guided ``e`` itself is never materialised."""
+    if pred.guidance_scale is None:
+        return ((coef, pred.output),)
+    g = float(pred.guidance_scale)
+    return ((coef * (1.0 - g), pred.output[:n]), (coef * g, pred.output[n:]))
+
+
+def eps_from(pred: Prediction, level: Level) -> tuple[float, float]:
+    """``(d0, d1)`` with the raw eps ``= d0 * x + d1 * e``: the model output itself for an eps-predicting model,
+    else ``(x - alpha x0) / sigma`` through the unclipped x0."""
+    if pred.prediction_type == "epsilon":
+        return 0.0, 1.0
+    a, s = level
+    f0, f1 = pred.x0_from
+    return (1.0 - a * f0) / s, -a * f1 / s
+
+
+def apply(pred: Prediction, x: Tensor, update: StepUpdate, *, noise: Optional[Tensor] = None,
+          clip: Optional[float] = None, return_x0: bool = False):
+    """One fused kernel call for ``update`` on state ``x``: ``(x_next, x0 or None)``."""
+    res = sampling_step(x, pred.output, update, noise=noise, guidance_scale=pred.guidance_scale, clip=clip,
+                        return_x0=return_x0)
     return res if return_x0 else (res, None)
 
 
@@ -156,17 +200,18 @@ def ddim_step(
     std of the added noise without changing the mean (DDPM's variance types). Returns ``(x_next, x0 or None)``.
     """
     std = min(eta * posterior_std(cur, nxt), nxt.sigma)  # eta > 1 would ask for more noise than the level has
-    k = math.sqrt(max(nxt.sigma**2 - std**2, 0.0))
-    c6 = 0.0
-    if noise is not None:
-        c6 = std if noise_std is None else float(noise_std)
+    k = math.sqrt(max(nxt.sigma**2 - std**2, 0.0))  # the weight of eps_hat
+    z = 0.0 if noise is None else (std if noise_std is None else float(noise_std))
     a, s = cur
     if clip is not None and not eps_from_clipped:
-        # eps from the raw x0 = c0 x + c1 e: (1 - a c0)/s * x - a c1/s * e; the e term uses the extra slots.
-        return _apply(pred, x, c2=k * (1.0 - a * pred.c0) / s, c3=nxt.alpha, c6=c6, c_e=-k * a * pred.c1 / s,
-                      noise=noise, clip=clip, return_x0=return_x0)
-    # eps_hat is linear in (x, x0): fold it into the x and x0 coefficients.
-    return _apply(pred, x, c2=k / s, c3=nxt.alpha - k * a / s, c6=c6, noise=noise, clip=clip, return_x0=return_x0)
+        # eps_hat is the raw eps = d0 x + d1 e, not the clipped x0's: its e term rides as (coefficient, tensor)
+        d0, d1 = eps_from(pred, cur)
+        update = StepUpdate(pred.x0_from, sample=k * d0, x0=nxt.alpha, terms=output_terms(pred, x.shape[0], k * d1),
+                            noise=z)
+    else:
+        # eps_hat = (x - a x0) / s is linear in (x, x0): x_next = (k/s) x + (alpha_n - k a/s) x0 + std z
+        update = StepUpdate(pred.x0_from, sample=k / s, x0=nxt.alpha - k * a / s, noise=z)
+    return apply(pred, x, update, noise=noise, clip=clip, return_x0=return_x0)
 
 
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -248,8 +293,10 @@ def churn(x: Tensor, sigma: float, num_steps: int, draw_noise, *, s_churn: float
     gamma = min(s_churn / num_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
     if gamma > 0:
-        pred = Prediction(draw_noise(), 0.0, s_noise * math.sqrt(sigma_hat**2 - sigma**2))
-        x = _apply(pred, x, c2=1.0, c3=1.0)[0]
+        # x + std z: z goes in as the "model output", so x0_from forms std z and the update adds it to x
+        std = s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+        pred = Prediction(draw_noise(), X0From(sample=0.0, output=std))
+        x = apply(pred, x, StepUpdate(pred.x0_from, sample=1.0, x0=1.0))[0]
     return x, sigma_hat
 
 
@@ -259,12 +306,14 @@ def churn(x: Tensor, sigma: float, num_steps: int, draw_noise, *, s_churn: float
 def heun_correct_step(pred2, x_mid, x, x0_first, sigma: float, sigma_next: float, *, clip=None, return_x0=False):
     """Heun's second stage: ``x + dt/2 * ((x - x0_1)/sigma + (x_mid - x0_2)/sigma_next)`` in VE space.
 
-    ``x`` and the first stage's x0 ride in the extra slots; x0_2 comes from ``pred2`` at ``x_mid``.
+    The state is ``x_mid`` (the Euler predictor), x0_2 comes from ``pred2`` at ``x_mid``; ``x`` and the first
+    stage's x0 are the two terms.
     """
     dt = sigma_next - sigma
     h1, h2 = dt / (2 * sigma), dt / (2 * sigma_next)
-    return _apply(pred2, x_mid, c2=h2, c3=-h2, c4=1.0 + h1, c5=-h1, extra1=x, extra2=x0_first, clip=clip,
-                  return_x0=return_x0)
+    # = (1 + h1) x - h1 x0_1 + h2 x_mid - h2 x0_2
+    update = StepUpdate(pred2.x0_from, sample=h2, x0=-h2, terms=((1.0 + h1, x), (-h1, x0_first)))
+    return apply(pred2, x_mid, update, clip=clip, return_x0=return_x0)
 
 
 # ------------------------------------------------------------------ DPM-Solver++ (multistep, and 2S)
@@ -284,56 +333,68 @@ def dpm_solver_order(step_index: int, num_steps: int, solver_order: int, lower_o
     return 3
 
 
-def dpmpp_coeffs(order: int, nxt: Level, levels: Sequence[Level], *, solver_type: str = "midpoint", sde: bool = False):
-    """DPM-Solver++ (Lu et al. 2022) written over the x0 history ``(m0, m1, m2)`` at ``levels`` (newest first).
+def dpmpp_update(pred: Prediction, nxt: Level, levels: Sequence[Level], history: Sequence[Tensor], *, order: int,
+                 solver_type: str = "midpoint", sde: bool = False) -> StepUpdate:
+    """DPM-Solver++ (Lu et al. 2022), multistep, over the x0 predictions ``m0`` (this step's, from ``pred``) and
+    ``history = (m1, m2)`` (earlier ones) at ``levels`` (newest first), with ``h = lambda_next - lambda``::
 
-    Returns ``(cx, [k0, k1, k2], c_noise)`` with ``x_next = cx x + k0 m0 + k1 m1 + k2 m2 + c_noise z``.
+        ODE:  x_next = (sigma_n / sigma) x          + alpha_n (1 - e^-h)  D + 0
+        SDE:  x_next = (sigma_n / sigma) e^-h x     + alpha_n (1 - e^-2h) D + sigma_n sqrt(1 - e^-2h) z
+
+    where ``D`` is ``m0`` at first order (= DDIM) and adds the differences of the history at second and third.
     """
     s0 = levels[0]
     at, st = nxt
-    h = nxt.lam - s0.lam
+    lam0 = s0.lam
+    h = nxt.lam - lam0
     if abs(h) <= 1e-12:  # a zero-length step (Karras sigmas ending on sigma_min, then sigma_min again): x stays
-        return 1.0, [0.0, 0.0, 0.0], 0.0
-    if sde:  # SDE-DPM-Solver++: the linear part integrated exactly (over 2h), plus the matching fresh noise
-        hh, cx, c_noise = 2.0 * h, st / s0.sigma * math.exp(-h), st * math.sqrt(-math.expm1(-2.0 * h))
+        return StepUpdate(pred.x0_from, sample=1.0)
+    if sde:  # the linear part integrated exactly over 2h, plus the matching fresh noise
+        hh, decay, z = 2.0 * h, st / s0.sigma * math.exp(-h), st * math.sqrt(-math.expm1(-2.0 * h))
     else:
-        hh, cx, c_noise = h, st / s0.sigma, 0.0
-    p = -math.expm1(-hh)  # 1 - exp(-hh), accurate for short steps; exactly 1 on the step to sigma = 0
-    k = [at * p, 0.0, 0.0]  # first order: DDIM
-    if order >= 2:  # (only here: at sigma_next = 0, h = inf and the higher terms are undefined)
-        r0 = (s0.lam - levels[1].lam) / h
-        d1_0 = [1.0 / r0, -1.0 / r0, 0.0]  # (m0 - m1) / r0
-        a1 = at * (1.0 - p / hh)  # phi_2 weight of the first difference
-        if order == 2:
-            a = 0.5 * at * p if solver_type == "midpoint" else a1
-            k = [k[j] + a * d1_0[j] for j in range(3)]
-        else:
-            r1 = (levels[1].lam - levels[2].lam) / h
-            d1_1 = [0.0, 1.0 / r1, -1.0 / r1]
-            diff = [d1_0[j] - d1_1[j] for j in range(3)]
-            d1 = [d1_0[j] + r0 / (r0 + r1) * diff[j] for j in range(3)]
-            d2 = [diff[j] / (r0 + r1) for j in range(3)]
-            # weight of D2: -phi_3 = (p - hh)/hh^2 + 1/2; diffusers' SDE variant writes - 1/2 (kept, for parity)
-            a2 = at * ((p - hh) / hh**2 + (-0.5 if sde else 0.5))
-            k = [k[j] + a1 * d1[j] + a2 * d2[j] for j in range(3)]
-    return cx, k, c_noise
+        hh, decay, z = h, st / s0.sigma, 0.0
+    p = -math.expm1(-hh)  # 1 - e^-hh, accurate for short steps; exactly 1 on the step to sigma = 0
+    # A repeated level in the history (T steps over T timesteps repeat one) has no difference to take: the
+    # order drops to what is defined (diffusers divides by zero there and returns NaN).
+    lam1 = levels[1].lam if order >= 2 else lam0
+    r0 = (lam0 - lam1) / h
+    if order == 1 or r0 == 0:
+        return StepUpdate(pred.x0_from, sample=decay, x0=at * p, noise=z)
+    # (only from here on: at sigma_next = 0, h = inf and the higher terms are undefined)
+    m1 = history[0]
+    lam2 = levels[2].lam if order == 3 else lam1
+    if order == 3 and lam2 == lam1:
+        order = 2
+    phi2 = at * (1.0 - p / hh)  # the phi_2 weight of a first difference
+    if order == 2:
+        # x_next = decay x + alpha_n p m0 + w (m0 - m1) / r0;  w = alpha_n p / 2 (midpoint) or phi2 (heun)
+        w = (0.5 * at * p if solver_type == "midpoint" else phi2) / r0
+        return StepUpdate(pred.x0_from, sample=decay, x0=at * p + w, terms=((-w, m1),), noise=z)
+    m2 = history[1]
+    r1 = (lam1 - lam2) / h
+    # D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1, dD = D1_0 - D1_1
+    # x_next = decay x + alpha_n p m0 + phi2 (D1_0 + r0/(r0 + r1) dD) + w2 dD/(r0 + r1)
+    # with w2 = -alpha_n phi_3 = alpha_n ((p - hh)/hh^2 + 1/2); diffusers' SDE variant writes - 1/2 (kept, for parity)
+    w2 = at * ((p - hh) / hh**2 + (-0.5 if sde else 0.5))
+    w_dd = (phi2 * r0 + w2) / (r0 + r1)
+    k0 = at * p + phi2 / r0 + w_dd / r0
+    k1 = -phi2 / r0 - w_dd * (1.0 / r0 + 1.0 / r1)
+    k2 = w_dd / r1
+    return StepUpdate(pred.x0_from, sample=decay, x0=k0, terms=((k1, m1), (k2, m2)), noise=z)
 
 
 def dpmpp_step(pred, x, nxt: Level, levels: Sequence[Level], history: Sequence[Tensor], *, order: int,
                solver_type="midpoint", sde=False, noise=None, return_x0=True):
-    """One DPM-Solver++ multistep update; ``history`` = (m1, m2) earlier x0 predictions as needed by ``order``."""
+    """One DPM-Solver++ multistep update (:func:`dpmpp_update`); ``history`` = (m1, m2) as needed by ``order``."""
     if sde and noise is None:
         raise ValueError("SDE-DPM-Solver++ needs noise")
-    cx, k, c_noise = dpmpp_coeffs(order, nxt, levels, solver_type=solver_type, sde=sde)
-    e1 = history[0] if order >= 2 else None
-    e2 = history[1] if order >= 3 else None
-    return _apply(pred, x, c2=cx, c3=k[0], c4=k[1], c5=k[2], c6=c_noise, extra1=e1, extra2=e2,
-                  noise=noise if sde else None, return_x0=return_x0)
+    update = dpmpp_update(pred, nxt, levels, history, order=order, solver_type=solver_type, sde=sde)
+    return apply(pred, x, update, noise=noise if sde else None, return_x0=return_x0)
 
 
 def dpmpp_2s_correct_step(pred2, x_mid, x, sigma: float, sigma_down: float, sigma_up: float, *, noise=None,
                           return_x0=False):
     """Second stage of DPM-Solver++(2S) ancestral in VE space: ``(sd/s) x - expm1(-h) x0_2 + sigma_up z``."""
-    ratio = sigma_down / sigma  # exp(-h)
-    return _apply(pred2, x_mid, c3=1.0 - ratio, c4=ratio, c6=sigma_up if noise is not None else 0.0, extra1=x,
-                  noise=noise, return_x0=return_x0)
+    ratio = sigma_down / sigma  # e^-h
+    update = StepUpdate(pred2.x0_from, x0=1.0 - ratio, terms=((ratio, x),), noise=sigma_up if noise is not None else 0.0)
+    return apply(pred2, x_mid, update, noise=noise, return_x0=return_x0)

@@ -1,0 +1,181 @@
+"""Scheduler configuration and serialisation: the read-only ``config`` (diffusers' constructor arguments),
+``from_config``, ``save_pretrained`` / ``from_pretrained`` and the handling of other schedulers' keys.
+
+Nothing here knows about stepping; :mod:`._base` builds the stepping surface on top of :class:`ConfigMixin`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import warnings
+from typing import Any, Optional, Union
+
+import numpy as np
+from torch import Tensor
+
+CONFIG_NAME = "scheduler_config.json"
+
+# Config keys of diffusers' schedulers (the Karras-compatible family). diffusers silently drops the keys of
+# compatible schedulers when a config moves between them (e.g. PNDM's skip_prk_steps into Euler); so do we.
+_DIFFUSERS_SCHEDULER_KEYS = frozenset(
+    """algorithm_type beta_end beta_schedule beta_start clip_sample clip_sample_range disable_corrector
+    dynamic_thresholding_ratio euler_at_final final_sigmas_type flow_shift interpolation_type lambda_min_clipped
+    lower_order_final num_train_timesteps predict_x0 prediction_type rescale_betas_zero_snr rho sample_max_value
+    set_alpha_to_one shift_terminal sigma_data sigma_max sigma_min sigma_schedule skip_prk_steps solver_order
+    solver_p solver_type steps_offset thresholding time_shift_type timestep_spacing timestep_type trained_betas
+    use_beta_sigmas use_dynamic_shifting use_exponential_sigmas use_flow_sigmas use_karras_sigmas use_lu_lambdas
+    variance_type timestep_values""".split()
+)
+
+
+class FrozenConfig(dict):
+    """The scheduler's constructor arguments: a dict that also reads as attributes, and refuses edits."""
+
+    def __init__(self, *args, **kwargs):
+        dict.__init__(self, *args, **kwargs)
+        # Attribute reads find the keys in the instance dict: a __getattr__ fallback costs about a microsecond
+        # a read, and a step reads ten keys. (Safe: the mapping itself can never change.)
+        vars(self).update((k, v) for k, v in self.items() if isinstance(k, str) and k.isidentifier() and not hasattr(dict, k))
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a scheduler config is read-only: build a new scheduler with from_config(config, key=value)")
+
+    __setitem__ = __delitem__ = __setattr__ = update = pop = popitem = setdefault = clear = _refuse
+
+    def __reduce__(self):  # copy / pickle without going through the refused __setitem__
+        return (type(self), (dict(self),))
+
+
+def register_to_config(init):
+    """Record the bound constructor arguments (defaults filled in) as the read-only ``config``."""
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        cfg = {k: _jsonable(v) for k, v in bound.arguments.items() if k != "self"}
+        self._config = FrozenConfig(cfg)
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _jsonable(v):
+    if isinstance(v, Tensor):
+        return v.detach().cpu().tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class ConfigMixin:
+    """``config`` / ``from_config`` / ``save_pretrained`` / ``from_pretrained`` with diffusers' file layout."""
+
+    config_name = CONFIG_NAME
+
+    @property
+    def config(self) -> FrozenConfig:
+        return self._config
+
+    @property
+    def _internal_dict(self) -> FrozenConfig:
+        # diffusers' name for the config; its pipelines replace it to fix outdated configs (e.g. steps_offset)
+        return self._config
+
+    @_internal_dict.setter
+    def _internal_dict(self, value) -> None:
+        self._config = FrozenConfig(dict(value))
+
+    def _register(self, **updates) -> None:
+        """Record config values normalised after construction (diffusers' ``register_to_config`` in ``__init__``)."""
+        cfg = dict(self._config)
+        cfg.update(updates)
+        self._config = FrozenConfig(cfg)
+
+    def register_to_config(self, **kwargs) -> None:
+        """Add or replace config values (diffusers' method; training scripts set ``prediction_type`` with it).
+        Values the constructor derived tables from (betas, ...) are not rebuilt, as in diffusers."""
+        self._register(**{k: _jsonable(v) for k, v in kwargs.items()})
+
+    def __getattr__(self, name: str):
+        # diffusers still resolves config keys as scheduler attributes, with a FutureWarning; so do we
+        config = self.__dict__.get("_config")
+        if config is not None and name in config and not name.startswith("_"):
+            warnings.warn(
+                f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute is "
+                f"deprecated. Please access '{name}' over '{type(self).__name__}'s config object instead, e.g. "
+                f"'scheduler.config.{name}'.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return config[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @classmethod
+    def from_config(cls, config: Union[dict, Any, None] = None, return_unused_kwargs: bool = False, **kwargs):
+        """Build from a diffusers config dict (or a scheduler / object with ``.config``), ``kwargs`` overriding.
+
+        Private keys (``_class_name``, ``_diffusers_version``, ...) and keys of other diffusers schedulers are
+        dropped silently, as diffusers does; any other unknown key is dropped with a warning.
+        ``return_unused_kwargs=True`` returns ``(scheduler, unused_kwargs)`` like diffusers.
+        """
+        if config is None:
+            config = {}
+        if hasattr(config, "config") and not isinstance(config, dict):
+            config = config.config
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict or have a .config dict, got {type(config).__name__}")
+        used_defaults = set(config.get("_use_default_values", []))
+        merged = {k: v for k, v in config.items() if k not in used_defaults}
+        merged.update(kwargs)
+        keys = set(cls.config_keys())
+        init = {k: v for k, v in merged.items() if k in keys}
+        unknown = sorted(k for k in merged if k not in keys and not k.startswith("_") and k not in _DIFFUSERS_SCHEDULER_KEYS)
+        if unknown:
+            warnings.warn(
+                f"The config attributes {unknown} were passed to {cls.__name__}, but are not expected and will be ignored.",
+                stacklevel=2,
+            )
+        scheduler = cls(**init)
+        if return_unused_kwargs:
+            return scheduler, {k: v for k, v in kwargs.items() if k not in keys}
+        return scheduler
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None, **kwargs):
+        """Load ``scheduler_config.json`` from a local folder (a pipeline folder with ``subfolder="scheduler"``)."""
+        path = os.fspath(pretrained_model_name_or_path)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        file = path if os.path.isfile(path) else os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r} (fastgen loads local folders only)")
+        with open(file, encoding="utf-8") as f:
+            return cls.from_config(json.load(f), **kwargs)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Write ``scheduler_config.json`` (diffusers' layout, with ``_class_name``)."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump({"_class_name": type(self).__name__, **self.config}, f, indent=2, sort_keys=True)
+
+    save_config = save_pretrained
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {json.dumps(dict(self.config), sort_keys=True)}"
