@@ -6,6 +6,9 @@
 #endif
 
 #include "ops.h"
+#include "cpu/dispatch.h"
+
+#include <stdexcept>
 
 namespace {
 
@@ -31,6 +34,45 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastgen native kernels (C++ CPU, and CUDA when built with it)";
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
   m.def("omp_max_threads", &omp_max_threads, "OpenMP threads available to the CPU kernels");
+
+  // CPU ISA variants (csrc/cpu/dispatch.h). FASTGEN_CPU_ISA is read here, at
+  // import: an unknown value fails the import with the list of valid ones.
+  {
+    const std::string warning = fastgen::cpu::init_from_env();
+    if (!warning.empty() && PyErr_WarnEx(PyExc_RuntimeWarning, warning.c_str(), 1) != 0)
+      throw pybind11::error_already_set();
+  }
+  m.def("cpu_isa", &fastgen::cpu::current_isa,
+        "the ISA variant the CPU kernels run now (portable, avx2, avx512 or avx512_bf16)");
+  m.def("cpu_isas_supported", &fastgen::cpu::isas_supported,
+        "the ISA variants that were built and that this CPU can run, lowest first");
+  m.def("cpu_isas_built", &fastgen::cpu::isas_built, "the ISA variants compiled into this build");
+  m.def(
+      "cpu_kernel_is_fast",
+      [](const std::string& op, const std::string& dtype) {
+        try {
+          return fastgen::cpu::kernel_is_fast(op, dtype);
+        } catch (const std::invalid_argument& e) {
+          throw pybind11::value_error(e.what());
+        }
+      },
+      pybind11::arg("op"), pybind11::arg("dtype"),
+      "whether the CPU kernel of op ('geglu', 'group_norm', 'attention', 'sampling_step') for dtype "
+      "('float32', 'float16', 'bfloat16') under the current ISA variant was measured at least as "
+      "fast as eager PyTorch (see csrc/cpu/dispatch.h)");
+  m.def("cpu_isa_names", &fastgen::cpu::isa_names, "every ISA variant name, lowest first");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) {
+        try {
+          return fastgen::cpu::set_isa(name);
+        } catch (const std::invalid_argument& e) {
+          throw pybind11::value_error(e.what());
+        }
+      },
+      pybind11::arg("name"),
+      "use the CPU kernels of ISA variant `name` ('auto' for the default, FASTGEN_CPU_ISA "
+      "aside); ValueError when unknown, not built or not runnable here. Returns the variant.");
 
   m.def("group_norm_fwd_cpu", &fastgen::group_norm_fwd_cpu);
   m.def("group_norm_bwd_cpu", &fastgen::group_norm_bwd_cpu);

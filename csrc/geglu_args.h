@@ -1,5 +1,7 @@
-// Argument checks shared by the CPU and CUDA entry points of geglu, so both
-// backends refuse bad input with the same message.
+// Preconditions shared by the CPU and CUDA entry points of geglu, so both
+// backends refuse bad input with the same message. The public op
+// (fastgen/ops/geglu.py) validates arguments with clear errors and makes x
+// and dout contiguous; these cheap checks only keep a direct call in bounds.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,6 +27,7 @@ inline void check_geglu_x(const char* op, const at::Tensor& x, c10::DeviceType d
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
               ": x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
 }
 
 inline void check_geglu_dout(const char* op, const at::Tensor& dout, const at::Tensor& x) {
@@ -35,6 +38,7 @@ inline void check_geglu_dout(const char* op, const at::Tensor& dout, const at::T
   TORCH_CHECK(dout.sizes() == at::IntArrayRef(geglu_half_sizes(x)), op,
               ": dout must have shape x.shape[:-1] + (x.shape[-1] // 2,), got ", dout.sizes(),
               " for x of shape ", x.sizes());
+  TORCH_CHECK(dout.is_contiguous(), op, ": dout must be contiguous");
 }
 
 }  // namespace fastgen

@@ -8,12 +8,17 @@
 
 namespace fastgen {
 
+// The CPU entry points are compiled once, for the baseline ISA, and run the
+// kernels of the ISA variant chosen at run time (csrc/cpu/dispatch.h).
+
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // GroupNorm (+ optional SiLU, + optional residual added after the activation).
-// x: (N, C, *spatial), dense, either contiguous or channels-last
-//    (x.is_contiguous() == false means channels-last: stride(1) == 1).
+// x: (N, C, *spatial) with 0-3 spatial dims, contiguous or channels-last
+//    dense (csrc/layout.h; x.is_contiguous() == false means channels-last).
 // weight, bias: fp32 (C,) contiguous. residual: same sizes, strides, dtype as x.
+// These are preconditions (TORCH_CHECK), not conversions: no input is copied
+// into another layout. The public op (fastgen/ops/group_norm.py) ensures them.
 // Returns y (same sizes/strides/dtype as x), mean and rstd as fp32 (N, G).
 Tensor3 group_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const at::Tensor& bias,
@@ -64,10 +69,11 @@ Tensor3 group_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
 // sample: (N, ...); extra1, extra2, noise: optional, sample's shape. Every
 // tensor may be float32, float16 or bfloat16 independently; math is fp32.
 // coeffs: float32 (N, 7), one row per sample ((7,) or (1, 7) is broadcast).
-// Any strides are accepted: tensors are read in sample's memory order when
-// sample is dense with the batch dim outermost (contiguous, channels-last)
-// and copied into that order otherwise. Returns (out, x0) in sample's dtype
-// and layout; x0 is an undefined tensor (None in Python) unless return_x0.
+// Preconditions (TORCH_CHECK, csrc/sampling_args.h; nothing is copied):
+// sample is dense with the batch dim outermost (contiguous, channels-last),
+// the other tensors have sample's strides, coeffs is contiguous. Returns
+// (out, x0) in sample's dtype and layout; x0 is an undefined tensor (None in
+// Python) unless return_x0.
 std::tuple<at::Tensor, at::Tensor> sampling_step_cpu(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
     const std::optional<at::Tensor>& extra1, const std::optional<at::Tensor>& extra2,
@@ -88,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor> sampling_step_cuda(
 namespace fastgen {
 
 // GEGLU (fastgen/ops/geglu.py has the reference): x = [hidden, gate] along the
-// last dim, x of shape (..., 2H), float32/float16/bfloat16 (made contiguous if
-// it is not). Returns out = hidden * gelu(gate), shape (..., H), x's dtype,
+// last dim, x of shape (..., 2H), float32/float16/bfloat16, contiguous (a
+// precondition; dout too). Returns out = hidden * gelu(gate), shape (..., H), x's dtype,
 // contiguous; gelu is exact (erf), or the tanh approximation when
 // approximate_tanh. Math in fp32.
 at::Tensor geglu_fwd_cpu(const at::Tensor& x, bool approximate_tanh);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any, Optional
@@ -65,6 +66,23 @@ def _build_info() -> dict[str, Any]:
         return {}
 
 
+def _cpu_isa_info(ext, build: dict[str, Any]) -> dict[str, Any]:
+    """The CPU kernels' ISA variant in use, and the variants built / runnable."""
+    has = ext is not None and hasattr(ext, "cpu_isa")
+    return {
+        "cpu_isa": ext.cpu_isa() if has else None,
+        "cpu_isas_built": ext.cpu_isas_built() if has else build.get("cpu_isas"),
+        "cpu_isas_supported": ext.cpu_isas_supported() if has else None,
+        "cpu_isa_env": os.environ.get("FASTGEN_CPU_ISA") or None,
+    }
+
+
+def cpu_isa() -> Optional[str]:
+    """The ISA variant the CPU kernels run (None without the extension)."""
+    ext = _backend.extension()
+    return ext.cpu_isa() if ext is not None and hasattr(ext, "cpu_isa") else None
+
+
 def info() -> dict[str, Any]:
     """A dict describing the installation (what ``fastgen info`` prints)."""
     ext = _backend.extension()
@@ -83,6 +101,7 @@ def info() -> dict[str, Any]:
             "flags": build.get("cxx_flags"),
             "nvcc_flags": build.get("nvcc_flags"),
             "omp_threads": ext.omp_max_threads() if ext is not None else None,
+            **_cpu_isa_info(ext, build),
         },
         "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
@@ -124,6 +143,13 @@ def format_info(data: dict[str, Any]) -> str:
         if ext["with_cuda"]:
             lines.append(f"  nvcc flags   {' '.join(ext['nvcc_flags'] or []) or 'unknown'}")
         lines.append(f"  omp threads  {ext['omp_threads']}")
+        if ext.get("cpu_isa"):
+            forced = f" (FASTGEN_CPU_ISA={ext['cpu_isa_env']})" if ext.get("cpu_isa_env") else " (best this CPU runs)"
+            lines.append(f"  cpu isa      {ext['cpu_isa']}{forced}")
+            lines.append(
+                f"  cpu isas     built: {', '.join(ext['cpu_isas_built'] or [])}; "
+                f"this CPU runs: {', '.join(ext['cpu_isas_supported'] or [])}"
+            )
     lines.append(f"cpu            {data['cpu']} ({data['cpu_threads']} torch threads)")
     gpu = data["gpu"]
     if gpu:

@@ -14,13 +14,17 @@ def test_info_runs_as_module_and_reports_backends():
     out = subprocess.run([python(), "-m", "fastgen", "info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch" in out.stdout and "extension" in out.stdout and "backends (cpu)" in out.stdout
+    from fastgen import _backend
+
+    if _backend.extension() is not None:  # the CPU kernels' ISA variant and the variants built
+        assert "cpu isa " in out.stdout and "cpu isas " in out.stdout
 
 
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert "torch" in data["backends"]["cpu"]
-    assert set(data["extension"]) >= {"built", "with_cuda", "error"}
+    assert set(data["extension"]) >= {"built", "with_cuda", "error", "cpu_isa", "cpu_isas_built"}
 
 
 def test_bench_group_norm_quick(tmp_path, capsys):

@@ -30,3 +30,16 @@ def test_nvcc_compiles(source, compiled):
 
 def test_there_are_cuda_sources():
     assert {"group_norm.cu", "attention.cu", "sampling.cu"} <= {p.name for p in CUDA_SOURCES}
+
+
+def test_entry_points_never_change_a_layout():
+    # Layout is decided once, by the public op in fastgen/ops; the C++ entry
+    # points (CPU and CUDA) only check preconditions (csrc/layout.h).
+    offenders = []
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.suffix in {".h", ".cuh", ".cpp", ".cu"}:
+            for no, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("//", 1)[0]
+                if ".contiguous(" in code or "copy_(" in code:
+                    offenders.append(f"{path.relative_to(ROOT)}:{no}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

@@ -1,9 +1,11 @@
-// CPU attention: softmax(q k^T * scale) v, FlashAttention-style. This file
-// holds the entry points (checks, outputs, choice of path); the kernels are
+// CPU attention entry points: softmax(q k^T * scale) v, FlashAttention-style.
+// This file (compiled once, for the baseline ISA) holds the preconditions and
+// the outputs; the kernels are compiled per ISA variant in csrc/cpu/kernels/:
 //   attention_fwd.h / attention_bwd.h   drivers: block sizes, scheduling, loops
 //   attention_fwd.cpp / attention_bwd.cpp   fp32 path (fp16, and bf16 without
 //                                       AVX512_BF16, converted on load)
-//   attention_bf16.cpp                  bf16 on vdpbf16ps (AVX512_BF16, even D >= 16)
+//   attention_bf16.cpp                  bf16 on vdpbf16ps (the avx512_bf16
+//                                       variant, even D >= 16); the entry points
 //   attention_gemm.h, attention_pack.h, attention_simd.h, attention_common.h
 //
 // Contract (see ops.h): q (B,H,Nq,D), k and v (B,H,Nk,D), contiguous, one dtype
@@ -13,11 +15,8 @@
 // never materialised: every thread owns scratch of a few (query block x key
 // block) tiles only, with fp32 accumulation and fp32 softmax statistics.
 #include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
-#include "attention_bwd.h"
-#include "attention_fwd.h"
+#include "cpu/dispatch.h"
 #include "ops.h"
 
 namespace fastgen {
@@ -49,18 +48,20 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   TORCH_CHECK(k.size(2) >= 1 || q.size(2) == 0, fn, ": need at least one key (Nk >= 1)");
 }
 
-// Runs fp32(T{}) for q's dtype T, except where the bf16 dot-product path
-// exists and takes bf16 (bf16_dot() returns whether it did).
-template <class Fp32Path, class Bf16DotPath>
-void run_path(const at::Tensor& q, const char* fn, Fp32Path fp32, Bf16DotPath bf16_dot) {
-  switch (q.scalar_type()) {
-    case at::kFloat: fp32(float{}); break;
-    case at::kHalf: fp32(at::Half{}); break;
-    case at::kBFloat16:
-      if (!bf16_dot()) fp32(at::BFloat16{});
-      break;
-    default: TORCH_CHECK(false, fn, ": unsupported dtype ", q.scalar_type());
-  }
+cpu::AttentionArgs make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             double scale, const char* fn) {
+  cpu::AttentionArgs a{};
+  a.dtype = cpu::to_dtype(q.scalar_type(), fn);
+  a.BH = q.size(0) * q.size(1);
+  a.Nq = q.size(2);
+  a.Nk = k.size(2);
+  a.D = q.size(3);
+  a.scale = static_cast<float>(scale);
+  a.q = q.const_data_ptr();
+  a.k = k.const_data_ptr();
+  a.v = v.const_data_ptr();
+  a.par = cpu::parallel();
+  return a;
 }
 
 }  // namespace
@@ -71,11 +72,10 @@ Tensor2 attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::Tensor o = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {o, lse};
-  const float s = static_cast<float>(scale);
-  run_path(
-      q, "attention_fwd_cpu",
-      [&](auto tag) { cpu_attn::fwd_fp32<decltype(tag)>(q, k, v, s, o, lse); },
-      [&] { return cpu_attn::fwd_bf16_dot(q, k, v, s, o, lse); });
+  cpu::AttentionArgs a = make_args(q, k, v, scale, "attention_fwd_cpu");
+  a.o_out = o.mutable_data_ptr();
+  a.lse_out = lse.mutable_data_ptr<float>();
+  cpu::kernels().attention_fwd(a);
   return {o, lse};
 }
 
@@ -110,11 +110,14 @@ Tensor3 attention_bwd_cpu(const at::Tensor& do_, const at::Tensor& q, const at::
     dv.zero_();
     return {dq, dk, dv};
   }
-  const float s = static_cast<float>(scale);
-  run_path(
-      q, "attention_bwd_cpu",
-      [&](auto tag) { cpu_attn::bwd_fp32<decltype(tag)>(do_, q, k, v, o, lse, s, dq, dk, dv); },
-      [&] { return cpu_attn::bwd_bf16_dot(do_, q, k, v, o, lse, s, dq, dk, dv); });
+  cpu::AttentionArgs a = make_args(q, k, v, scale, "attention_bwd_cpu");
+  a.dout = do_.const_data_ptr();
+  a.o = o.const_data_ptr();
+  a.lse_in = lse.const_data_ptr<float>();
+  a.dq = dq.mutable_data_ptr();
+  a.dk = dk.mutable_data_ptr();
+  a.dv = dv.mutable_data_ptr();
+  cpu::kernels().attention_bwd(a);
   return {dq, dk, dv};
 }
 

@@ -202,7 +202,7 @@ void dispatch_dtype(at::ScalarType dt, F&& f) {
 at::Tensor geglu_fwd_cuda(const at::Tensor& x_in, bool approximate_tanh) {
   check_geglu_x(kName, x_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor& x = x_in;  // contiguous (checked above)
   at::Tensor out = at::empty(geglu_half_sizes(x), x.options());
   if (out.numel() == 0) return out;
   const int64_t H = x.size(-1) / 2;
@@ -233,8 +233,8 @@ at::Tensor geglu_bwd_cuda(const at::Tensor& dout_in, const at::Tensor& x_in,
   check_geglu_x(kName, x_in, c10::DeviceType::CUDA);
   check_geglu_dout(kName, dout_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor dout = dout_in.contiguous();
+  const at::Tensor& x = x_in;  // contiguous (checked above)
+  const at::Tensor& dout = dout_in;
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (dout.numel() == 0) return dx;
   const int64_t H = x.size(-1) / 2;

@@ -48,6 +48,7 @@
 //  bound by memory.
 
 #include "cuda/prelude.cuh"
+#include "layout.h"
 
 #include <ATen/Dispatch.h>
 
@@ -711,25 +712,9 @@ TileGeom make_tile_geom(int64_t N, int64_t C, int64_t S, int G, bool cl, int vec
   return t;
 }
 
-// Dense channels-last (N, C, *spatial): element (n, c, s) at n*S*C + s*C + c.
-// Size-1 dims may carry any stride.
-bool is_channels_last_dense(const at::Tensor& t) {
-  auto ok = [&](int64_t d, int64_t expected) { return t.size(d) == 1 || t.stride(d) == expected; };
-  if (!ok(1, 1)) return false;
-  int64_t expected = t.size(1);
-  for (int64_t d = t.dim() - 1; d >= 2; --d) {
-    if (!ok(d, expected)) return false;
-    expected *= t.size(d);
-  }
-  return ok(0, expected);
-}
-
 // Same sizes and the same memory order (strides of size-1 dims do not matter).
 bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
+  return a.sizes() == b.sizes() && (a.numel() == 0 || layout::same_strides(a, b));
 }
 
 void check_data(const at::Tensor& t, const char* name) {
@@ -767,7 +752,7 @@ Geometry check_x(const at::Tensor& x, int64_t num_groups) {
               ") must be divisible by num_groups (", num_groups, ")");
   geo.G = static_cast<int>(num_groups);
   geo.cl = !x.is_contiguous();
-  TORCH_CHECK(!geo.cl || is_channels_last_dense(x), "group_norm (cuda): x must be contiguous or ",
+  TORCH_CHECK(!geo.cl || layout::is_channels_last_dense(x), "group_norm (cuda): x must be contiguous or ",
               "dense channels-last, got strides ", x.strides());
   // Pack indices within a group are 32-bit.
   TORCH_CHECK(geo.C / geo.G * geo.S <= std::numeric_limits<int32_t>::max(),
@@ -1024,9 +1009,9 @@ Tensor3 group_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at:
               " and strides ", x.strides(), ", got ", dy.sizes(), " and ", dy.strides());
   for (const at::Tensor* s : {&mean, &rstd}) {
     TORCH_CHECK(s->device() == x.device() && s->scalar_type() == at::kFloat &&
-                    s->numel() == geo.N * geo.G,
-                "group_norm (cuda): mean and rstd must be float32 (N, G) = (", geo.N, ", ", geo.G,
-                ") tensors on ", x.device());
+                    s->numel() == geo.N * geo.G && s->is_contiguous(),
+                "group_norm (cuda): mean and rstd must be contiguous float32 (N, G) = (", geo.N,
+                ", ", geo.G, ") tensors on ", x.device());
   }
 
   const c10::cuda::CUDAGuard device_guard(x.device());
@@ -1039,8 +1024,8 @@ Tensor3 group_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at:
     dbias.zero_();
     return {dx, dweight, dbias};
   }
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor rstd_c = rstd.contiguous();
+  const at::Tensor& mean_c = mean;
+  const at::Tensor& rstd_c = rstd;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
                                   "group_norm_bwd_cuda", [&] {
                                     launch_bwd<scalar_t>(geo, dy, x, weight, bias, mean_c, rstd_c,

@@ -15,7 +15,7 @@ import torch
 from torch.utils import benchmark as tbench
 
 from .._version import __version__
-from ..info import cpu_name, gpu_peak_bandwidth_gbps
+from ..info import cpu_isa, cpu_name, gpu_peak_bandwidth_gbps
 
 # suite name -> module defining cases(device, quick)
 SUITES = {
@@ -49,11 +49,14 @@ def time_ms(fn: Callable[[], object], min_run_time: float) -> float:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_name()} CPU, {torch.get_num_threads()} threads, fastgen CPU kernels: {cpu_isa() or 'none'}"
 
 
 def run_case(case: Case, min_run_time: float, peak_gbps: Optional[float]) -> dict:
     row = {"suite": case.suite, "case": case.name, **case.params}
+    # The ISA variant of the C++ CPU kernels (csrc/cpu/dispatch.h) in every
+    # row, so that rows of runs under different FASTGEN_CPU_ISA stay apart.
+    row["cpu_isa"] = cpu_isa()
     row["fastgen_ms"] = time_ms(case.candidate, min_run_time)
     for name, fn in case.baselines.items():
         ms = time_ms(fn, min_run_time)
@@ -103,6 +106,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_isas_supported() -> Optional[list[str]]:
+    from .. import _backend
+
+    ext = _backend.extension()
+    return ext.cpu_isas_supported() if ext is not None and hasattr(ext, "cpu_isas_supported") else None
+
+
 def save_results(rows: list[dict], suites: list[str], device: torch.device, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
@@ -116,6 +126,8 @@ def save_results(rows: list[dict], suites: list[str], device: torch.device, out_
         "fastgen": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "cpu_isa": cpu_isa(),
+        "cpu_isas_supported": _cpu_isas_supported(),
         "rows": rows,
     }
     path.write_text(json.dumps(payload, indent=1))

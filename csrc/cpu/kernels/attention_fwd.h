@@ -14,19 +14,17 @@
 //                  int64_t nqp, bool first);  // S^T, softmax, O update
 //   float *O, *m, *l;  // O (nq rows of Dp), running max and sum (base 2)
 #pragma once
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
-#include "attention_common.h"
-#include "attention_gemm.h"
-#include "attention_pack.h"
-#include "attention_simd.h"
+#include "cpu/kernels/attention_common.h"
+#include "cpu/kernels/attention_gemm.h"
+#include "cpu/kernels/attention_pack.h"
+#include "cpu/kernels/attention_simd.h"
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace cpu_attn {
 
 template <typename T>
@@ -37,9 +35,8 @@ struct FwdPlan : Problem<T> {
   int64_t nqb;     // query blocks per head
   int64_t ldq;     // leading dimension of Q^T and S^T / P^T
 
-  FwdPlan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale, at::Tensor& o,
-          at::Tensor& lse, bool pairs)
-      : Problem<T>(q, k, v, scale), op(o.data_ptr<T>()), lp(lse.data_ptr<float>()) {
+  FwdPlan(const AttentionArgs& a, bool pairs)
+      : Problem<T>(a), op(static_cast<T*>(a.o_out)), lp(a.lse_out) {
     const int64_t BH = this->BH, Nq = this->Nq, D = this->D;
     // Large enough to amortise packing, small enough that there are a few
     // tasks per thread and the scratch stays in L2.
@@ -54,7 +51,7 @@ struct FwdPlan : Problem<T> {
 
 template <class Tile, typename T>
 void run_fwd(const FwdPlan<T>& p) {
-  at::parallel_for(0, p.BH * p.nqb, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(p.par, 0, p.BH * p.nqb, 1, [&](int64_t t0, int64_t t1) {
     Tile tile(p);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / p.nqb;
@@ -111,10 +108,8 @@ inline void accumulate_pv(bool first, int64_t nq, int64_t Dp, int64_t K, const t
 // fwd_bf16_dot returns false where it does not apply (no AVX512_BF16, or a
 // head dim it does not take), leaving the work to fwd_fp32.
 template <typename T>
-void fwd_fp32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale, at::Tensor& o,
-              at::Tensor& lse);
-bool fwd_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale, at::Tensor& o,
-                  at::Tensor& lse);
+void fwd_fp32(const AttentionArgs& a);
+bool fwd_bf16_dot(const AttentionArgs& a);
 
 }  // namespace cpu_attn
-}  // namespace fastgen
+FG_ISA_END

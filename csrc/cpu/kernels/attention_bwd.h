@@ -17,18 +17,16 @@
 //       // dK, dV, dq (nq rows of Dp) += this block's contributions
 //   float *dK, *dV;  // nk rows of Dp
 #pragma once
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
-#include "attention_common.h"
-#include "attention_pack.h"
-#include "attention_simd.h"
+#include "cpu/kernels/attention_common.h"
+#include "cpu/kernels/attention_pack.h"
+#include "cpu/kernels/attention_simd.h"
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace cpu_attn {
 
 template <typename T>
@@ -42,11 +40,9 @@ struct BwdPlan : Problem<T> {
   int64_t kb_per_split;  // key blocks per range
   int64_t ldk;           // leading dimension of K^T, V^T, S, dP
 
-  BwdPlan(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-          const at::Tensor& o, const at::Tensor& lse, float scale, at::Tensor& dq, at::Tensor& dk,
-          at::Tensor& dv, bool pairs)
-      : Problem<T>(q, k, v, scale), dop(dout.data_ptr<T>()), op(o.data_ptr<T>()),
-        lp(lse.data_ptr<float>()), dqp(dq.data_ptr<T>()), dkp(dk.data_ptr<T>()), dvp(dv.data_ptr<T>()) {
+  BwdPlan(const AttentionArgs& a, bool pairs)
+      : Problem<T>(a), dop(static_cast<const T*>(a.dout)), op(static_cast<const T*>(a.o)),
+        lp(a.lse_in), dqp(static_cast<T*>(a.dq)), dkp(static_cast<T*>(a.dk)), dvp(static_cast<T*>(a.dv)) {
     const int64_t BH = this->BH, D = this->D;
     const int nthreads = this->nthreads;
     BQ = D <= 160 ? 128 : 64;
@@ -64,8 +60,8 @@ struct BwdPlan : Problem<T> {
 
 // delta[r] = sum_d dO[r][d] * O[r][d] in fp32, for rows r < rows.
 template <typename T>
-void compute_delta(const T* dop, const T* op, float* delta, int64_t rows, int64_t D) {
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+void compute_delta(const Parallel& par, const T* dop, const T* op, float* delta, int64_t rows, int64_t D) {
+  parallel_for(par, 0, rows, 64, [&](int64_t r0, int64_t r1) {
     Scratch tmp(2 * D);
     float* a = tmp.p;
     float* b = a + D;
@@ -84,8 +80,9 @@ void compute_delta(const T* dop, const T* op, float* delta, int64_t rows, int64_
 
 // dq[r] = sum over the n_split partial fp32 accumulators (rows of Dp floats).
 template <typename T>
-void reduce_dq(const float* acc, T* dq, int64_t n_split, int64_t rows, int64_t D, int64_t Dp) {
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+void reduce_dq(const Parallel& par, const float* acc, T* dq, int64_t n_split, int64_t rows, int64_t D,
+               int64_t Dp) {
+  parallel_for(par, 0, rows, 64, [&](int64_t r0, int64_t r1) {
     Scratch tmp(Dp);
     for (int64_t r = r0; r < r1; ++r) {
       const float* src = acc + r * Dp;
@@ -106,13 +103,17 @@ void reduce_dq(const float* acc, T* dq, int64_t n_split, int64_t rows, int64_t D
 template <class Tile, typename T>
 void run_bwd(const BwdPlan<T>& p) {
   const int64_t rows = p.BH * p.Nq;
-  at::Tensor delta_t = at::empty({rows}, at::kFloat);
-  float* delta = delta_t.data_ptr<float>();
-  compute_delta(p.dop, p.op, delta, rows, p.D);
-  at::Tensor dqacc_t = at::zeros({p.n_split, p.BH, p.Nq, p.Dp}, at::kFloat);
-  float* dqacc = dqacc_t.data_ptr<float>();
+  Scratch delta_buf(rows);
+  float* delta = delta_buf.p;
+  compute_delta(p.par, p.dop, p.op, delta, rows, p.D);
+  const int64_t nacc = p.n_split * p.BH * p.Nq * p.Dp;
+  Scratch dqacc_buf(nacc);
+  float* dqacc = dqacc_buf.p;
+  parallel_for(p.par, 0, nacc, 1 << 16, [&](int64_t b, int64_t e) {
+    std::memset(dqacc + b, 0, sizeof(float) * (e - b));
+  });
 
-  at::parallel_for(0, p.BH * p.n_split, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(p.par, 0, p.BH * p.n_split, 1, [&](int64_t t0, int64_t t1) {
     Tile tile(p);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / p.n_split;
@@ -141,17 +142,13 @@ void run_bwd(const BwdPlan<T>& p) {
       }
     }
   });
-  reduce_dq(dqacc, p.dqp, p.n_split, rows, p.D, p.Dp);
+  reduce_dq(p.par, dqacc, p.dqp, p.n_split, rows, p.D, p.Dp);
 }
 
 // The paths, as for the forward (attention_fwd.h).
 template <typename T>
-void bwd_fp32(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& o, const at::Tensor& lse, float scale, at::Tensor& dq, at::Tensor& dk,
-              at::Tensor& dv);
-bool bwd_bf16_dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& o, const at::Tensor& lse, float scale, at::Tensor& dq, at::Tensor& dk,
-                  at::Tensor& dv);
+void bwd_fp32(const AttentionArgs& a);
+bool bwd_bf16_dot(const AttentionArgs& a);
 
 }  // namespace cpu_attn
-}  // namespace fastgen
+FG_ISA_END

@@ -4,50 +4,38 @@
 //
 // Rounding matches torch: bf16 rounds to nearest even and a NaN stays a quiet
 // NaN (the plain rounding add would carry it into inf); fp16 uses the F16C /
-// AVX-512 conversion with round-to-nearest-even, c10::Half for the tail.
+// AVX-512 conversion with round-to-nearest-even, Half for the tail.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
+// Per-ISA code: include only from csrc/cpu/kernels/*.cpp.
 #include <cstdint>
 #include <cstring>
+
+#include "cpu/kernels/common.h"
 
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace convert {
 
 #define FG_CONVERT_INLINE inline __attribute__((always_inline))
 
-FG_CONVERT_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-FG_CONVERT_INLINE uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
 
 // ------------------------------------------------------------- typed
 
 // n fp32 values from src: src itself for fp32, else converted into buf.
 FG_CONVERT_INLINE const float* load(const float* src, int64_t, float*) { return src; }
 
-FG_CONVERT_INLINE const float* load(const c10::BFloat16* src, int64_t n, float* buf) {
+FG_CONVERT_INLINE const float* load(const BFloat16* src, int64_t n, float* buf) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) buf[i] = bits_to_float(static_cast<uint32_t>(s[i]) << 16);
   return buf;
 }
 
-FG_CONVERT_INLINE const float* load(const c10::Half* src, int64_t n, float* buf) {
+FG_CONVERT_INLINE const float* load(const Half* src, int64_t n, float* buf) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16) {
@@ -66,13 +54,13 @@ FG_CONVERT_INLINE const float* load(const c10::Half* src, int64_t n, float* buf)
 
 // Where to compute an output block: in place for fp32, else the buffer.
 FG_CONVERT_INLINE float* out_ptr(float* dst, float*) { return dst; }
-FG_CONVERT_INLINE float* out_ptr(c10::BFloat16*, float* buf) { return buf; }
-FG_CONVERT_INLINE float* out_ptr(c10::Half*, float* buf) { return buf; }
+FG_CONVERT_INLINE float* out_ptr(BFloat16*, float* buf) { return buf; }
+FG_CONVERT_INLINE float* out_ptr(Half*, float* buf) { return buf; }
 
 // Writes a computed block back (nothing to do for fp32, computed in place).
 FG_CONVERT_INLINE void store(const float*, float*, int64_t) {}
 
-FG_CONVERT_INLINE void store(const float* buf, c10::BFloat16* dst, int64_t n) {
+FG_CONVERT_INLINE void store(const float* buf, BFloat16* dst, int64_t n) {
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -83,7 +71,7 @@ FG_CONVERT_INLINE void store(const float* buf, c10::BFloat16* dst, int64_t n) {
   }
 }
 
-FG_CONVERT_INLINE void store(const float* buf, c10::Half* dst, int64_t n) {
+FG_CONVERT_INLINE void store(const float* buf, Half* dst, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16) {
@@ -97,31 +85,31 @@ FG_CONVERT_INLINE void store(const float* buf, c10::Half* dst, int64_t n) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
   }
 #endif
-  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(buf[i]);
+  for (; i < n; ++i) dst[i] = static_cast<Half>(buf[i]);
 }
 
 // ------------------------------------------------------------- runtime dtype
 // For kernels whose every tensor may have its own dtype (sampling_step): the
 // same conversions, chosen per call, at element offset `off`.
 
-FG_CONVERT_INLINE const float* load(const void* src, at::ScalarType dt, int64_t off, int64_t n,
+FG_CONVERT_INLINE const float* load(const void* src, Dtype dt, int64_t off, int64_t n,
                                     float* buf) {
-  if (dt == at::kFloat) return static_cast<const float*>(src) + off;
-  if (dt == at::kBFloat16) return load(static_cast<const c10::BFloat16*>(src) + off, n, buf);
-  return load(static_cast<const c10::Half*>(src) + off, n, buf);
+  if (dt == Dtype::kFloat) return static_cast<const float*>(src) + off;
+  if (dt == Dtype::kBFloat16) return load(static_cast<const BFloat16*>(src) + off, n, buf);
+  return load(static_cast<const Half*>(src) + off, n, buf);
 }
 
-FG_CONVERT_INLINE float* out_ptr(void* dst, at::ScalarType dt, int64_t off, float* buf) {
-  return dt == at::kFloat ? static_cast<float*>(dst) + off : buf;
+FG_CONVERT_INLINE float* out_ptr(void* dst, Dtype dt, int64_t off, float* buf) {
+  return dt == Dtype::kFloat ? static_cast<float*>(dst) + off : buf;
 }
 
-FG_CONVERT_INLINE void store(const float* buf, void* dst, at::ScalarType dt, int64_t off,
+FG_CONVERT_INLINE void store(const float* buf, void* dst, Dtype dt, int64_t off,
                              int64_t n) {
-  if (dt == at::kBFloat16) store(buf, static_cast<c10::BFloat16*>(dst) + off, n);
-  else if (dt == at::kHalf) store(buf, static_cast<c10::Half*>(dst) + off, n);
+  if (dt == Dtype::kBFloat16) store(buf, static_cast<BFloat16*>(dst) + off, n);
+  else if (dt == Dtype::kHalf) store(buf, static_cast<Half*>(dst) + off, n);
 }
 
 #undef FG_CONVERT_INLINE
 
 }  // namespace convert
-}  // namespace fastgen
+FG_ISA_END

@@ -3,19 +3,16 @@
 // packing (16x16 in-register transposes), so that a GEMM operand read by
 // rows can be a transposed block without a strided walk in the inner loop.
 #pragma once
-#include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <type_traits>
 
-#include "attention_simd.h"
+#include "cpu/kernels/attention_simd.h"
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace cpu_attn {
 
 inline void cvt_to_f32(const float* s, float* d, int64_t n) { std::memcpy(d, s, n * sizeof(float)); }
-inline void cvt_to_f32(const at::Half* s, float* d, int64_t n) {
+inline void cvt_to_f32(const Half* s, float* d, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16)
@@ -26,7 +23,7 @@ inline void cvt_to_f32(const at::Half* s, float* d, int64_t n) {
 #endif
   for (; i < n; ++i) d[i] = static_cast<float>(s[i]);
 }
-inline void cvt_to_f32(const at::BFloat16* s, float* d, int64_t n) {
+inline void cvt_to_f32(const BFloat16* s, float* d, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16) {
@@ -63,14 +60,14 @@ inline void store_row_scaled(const float* s, float a, T* d, int64_t n) {
     for (; i + W <= n; i += W) vstore(d + i, vmul(vload(s + i), va));
   }
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, at::Half>) {  // round to nearest even, like c10::Half
+  if constexpr (std::is_same_v<T, Half>) {  // round to nearest even, like c10::Half
     for (; i + 16 <= n; i += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
                           _mm512_cvtps_ph(vmul(vload(s + i), va), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 #endif
 #if defined(FASTGEN_BF16_DOT)
-  if constexpr (std::is_same_v<T, at::BFloat16>) {  // round to nearest even, like c10::BFloat16
+  if constexpr (std::is_same_v<T, BFloat16>) {  // round to nearest even, like c10::BFloat16
     for (; i + 16 <= n; i += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), (__m256i)_mm512_cvtneps_pbh(vmul(vload(s + i), va)));
   }
@@ -148,4 +145,4 @@ inline void pack_transposed(const float* src, int64_t lds, int64_t rows, int64_t
 }
 
 }  // namespace cpu_attn
-}  // namespace fastgen
+FG_ISA_END

@@ -1,8 +1,6 @@
 // What the forward and backward drivers of the CPU attention share: the
 // problem (sizes, inputs, scale), the key-block rule and per-thread scratch.
 #pragma once
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -10,12 +8,13 @@
 #include <new>
 #include <type_traits>
 
-#include "attention_simd.h"
+#include "cpu/kernels/attention_simd.h"
+#include "cpu/kernels/common.h"
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace cpu_attn {
 
-// q is (B, H, Nq, D), k and v are (B, H, Nk, D), all of dtype T.
+// q is (BH, Nq, D), k and v are (BH, Nk, D), all of dtype T.
 template <typename T>
 struct Problem {
   int64_t BH, Nq, Nk, D;
@@ -28,11 +27,14 @@ struct Problem {
   // with D a multiple of the granule.
   bool rows_as_stored;
 
-  Problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale)
-      : BH(q.size(0) * q.size(1)), Nq(q.size(2)), Nk(k.size(2)), D(q.size(3)), Dp(round_up(D, G)),
-        nthreads(std::max(1, at::get_num_threads())), qp(q.data_ptr<T>()), kp(k.data_ptr<T>()),
-        vp(v.data_ptr<T>()), scale(scale), c(scale * kLog2e),
-        rows_as_stored(std::is_same_v<T, float> && Dp == D) {}
+  const Parallel par;
+
+  explicit Problem(const AttentionArgs& a)
+      : BH(a.BH), Nq(a.Nq), Nk(a.Nk), D(a.D), Dp(round_up(D, G)),
+        nthreads(std::max(1, a.par.num_threads)), qp(static_cast<const T*>(a.q)),
+        kp(static_cast<const T*>(a.k)), vp(static_cast<const T*>(a.v)), scale(a.scale),
+        c(a.scale * kLog2e),
+        rows_as_stored(std::is_same_v<T, float> && Dp == D), par(a.par) {}
 };
 
 // Blocks of about `target` keys, balanced so that the last one is no sliver;
@@ -82,4 +84,4 @@ class Scratch {
 };
 
 }  // namespace cpu_attn
-}  // namespace fastgen
+FG_ISA_END

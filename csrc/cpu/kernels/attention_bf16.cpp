@@ -7,26 +7,25 @@
 //
 // A "word" (uint32_t) holds two bf16 values, the one with the even reduction
 // index in the low half: one vdpbf16ps step reduces over one word.
-#include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
 
-#include "attention_bwd.h"
-#include "attention_common.h"
-#include "attention_fwd.h"
-#include "attention_gemm.h"
-#include "attention_pack.h"
-#include "attention_simd.h"
+#include "cpu/kernels/kernels.h"
+#include "cpu/kernels/attention_bwd.h"
+#include "cpu/kernels/attention_common.h"
+#include "cpu/kernels/attention_fwd.h"
+#include "cpu/kernels/attention_gemm.h"
+#include "cpu/kernels/attention_pack.h"
+#include "cpu/kernels/attention_simd.h"
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace cpu_attn {
 
 #if defined(FASTGEN_BF16_DOT)
 namespace {
 
-using T = at::BFloat16;
+using T = BFloat16;
 
 // Words of a row-major (rows x cols) word matrix, transposed:
 // dst[c*ldd + r] = src[r*lds + c]; zero for rows <= r < round_up(rows, 16).
@@ -45,7 +44,7 @@ inline void pack_transposed_bits(const uint32_t* src, int64_t lds, int64_t rows,
 
 // Words (r0[d], r1[d]) for d < n, zero words up to npad (npad % 8 == 0);
 // r1 == nullptr means a zero row.
-inline void pack_pair_rows(const at::BFloat16* r0, const at::BFloat16* r1, int64_t n, int64_t npad,
+inline void pack_pair_rows(const BFloat16* r0, const BFloat16* r1, int64_t n, int64_t npad,
                            uint32_t* dst) {
   for (int64_t d0 = 0; d0 < npad; d0 += 16) {
     const int64_t cn = std::max<int64_t>(0, std::min<int64_t>(16, n - d0));
@@ -234,33 +233,54 @@ class Bf16BwdTile {
 };
 
 // Pairs along D need an even D; narrower heads stay on the fp32 path.
-bool dot_applies(const at::Tensor& q) { return q.size(3) % 2 == 0 && q.size(3) >= 16; }
+bool dot_applies(const AttentionArgs& a) { return a.D % 2 == 0 && a.D >= 16; }
 
 }  // namespace
 #endif  // FASTGEN_BF16_DOT
 
-bool fwd_bf16_dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale, at::Tensor& o,
-                  at::Tensor& lse) {
+bool fwd_bf16_dot(const AttentionArgs& a) {
 #if defined(FASTGEN_BF16_DOT)
-  if (dot_applies(q)) {
-    run_fwd<Bf16FwdTile>(FwdPlan<T>(q, k, v, scale, o, lse, /*pairs=*/true));
+  if (dot_applies(a)) {
+    run_fwd<Bf16FwdTile>(FwdPlan<T>(a, /*pairs=*/true));
     return true;
   }
 #endif
+  (void)a;
   return false;
 }
 
-bool bwd_bf16_dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& o, const at::Tensor& lse, float scale, at::Tensor& dq, at::Tensor& dk,
-                  at::Tensor& dv) {
+bool bwd_bf16_dot(const AttentionArgs& a) {
 #if defined(FASTGEN_BF16_DOT)
-  if (dot_applies(q)) {
-    run_bwd<Bf16BwdTile>(BwdPlan<T>(dout, q, k, v, o, lse, scale, dq, dk, dv, /*pairs=*/true));
+  if (dot_applies(a)) {
+    run_bwd<Bf16BwdTile>(BwdPlan<T>(a, /*pairs=*/true));
     return true;
   }
 #endif
+  (void)a;
   return false;
+}
+
+// The entry points (csrc/cpu/attention.cpp has the checks): the bf16
+// dot-product path where it applies, else the fp32-GEMM path for q's dtype.
+void attention_fwd(const AttentionArgs& a) {
+  switch (a.dtype) {
+    case Dtype::kFloat: fwd_fp32<float>(a); break;
+    case Dtype::kHalf: fwd_fp32<Half>(a); break;
+    case Dtype::kBFloat16:
+      if (!fwd_bf16_dot(a)) fwd_fp32<BFloat16>(a);
+      break;
+  }
+}
+
+void attention_bwd(const AttentionArgs& a) {
+  switch (a.dtype) {
+    case Dtype::kFloat: bwd_fp32<float>(a); break;
+    case Dtype::kHalf: bwd_fp32<Half>(a); break;
+    case Dtype::kBFloat16:
+      if (!bwd_bf16_dot(a)) bwd_fp32<BFloat16>(a);
+      break;
+  }
 }
 
 }  // namespace cpu_attn
-}  // namespace fastgen
+FG_ISA_END

@@ -1,15 +1,24 @@
 // Vector layer of the CPU attention kernels: vf is one native vector of W
 // floats, vh half of one. W = 16 (AVX-512), 8 (AVX2+FMA) or a portable 8-wide
-// loop fallback (FASTGEN_PORTABLE builds), so the kernels are written once.
+// loop fallback (the portable ISA variant), so the kernels are written once.
 //
 // exp2 is Cephes' polynomial on [-0.5, 0.5] plus exponent scaling, relative
 // error ~2e-7. The kernels only feed it exponents <= 0 (scores minus the
 // running max, or minus lse), so large logits cannot overflow, and -inf (the
 // first key block's previous max) gives exactly 0.
+// GCC 12's AVX-512 intrinsic headers trip -W(maybe-)uninitialized on their
+// own _mm512_undefined_* temporaries (GCC PR 105593); the pragma has to
+// precede the first include of those headers to take effect.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#include "cpu/kernels/common.h"
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -19,7 +28,7 @@
 #define FASTGEN_BF16_DOT 1  // vdpbf16ps path for bf16 inputs (attention_bf16.cpp)
 #endif
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace cpu_attn {
 
 // Softmax runs in base 2 (one exp2 per score); these convert scale and lse
@@ -226,4 +235,4 @@ inline int64_t pad_ld(int64_t n) {
 
 
 }  // namespace cpu_attn
-}  // namespace fastgen
+FG_ISA_END

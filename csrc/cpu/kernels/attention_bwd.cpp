@@ -1,20 +1,17 @@
 // Backward of the CPU attention on fp32 GEMMs: fp32 inputs are read in place
 // where their layout allows, fp16 and bf16 blocks are converted to fp32 on
 // load (bf16 with AVX512_BF16 takes attention_bf16.cpp instead).
-#include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <type_traits>
 
-#include "attention_bwd.h"
-#include "attention_common.h"
-#include "attention_gemm.h"
-#include "attention_pack.h"
-#include "attention_simd.h"
+#include "cpu/kernels/attention_bwd.h"
+#include "cpu/kernels/attention_common.h"
+#include "cpu/kernels/attention_gemm.h"
+#include "cpu/kernels/attention_pack.h"
+#include "cpu/kernels/attention_simd.h"
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace cpu_attn {
 namespace {
 
@@ -103,21 +100,13 @@ class Fp32BwdTile {
 }  // namespace
 
 template <typename T>
-void bwd_fp32(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& o, const at::Tensor& lse, float scale, at::Tensor& dq, at::Tensor& dk,
-              at::Tensor& dv) {
-  run_bwd<Fp32BwdTile<T>>(BwdPlan<T>(dout, q, k, v, o, lse, scale, dq, dk, dv, /*pairs=*/false));
+void bwd_fp32(const AttentionArgs& a) {
+  run_bwd<Fp32BwdTile<T>>(BwdPlan<T>(a, /*pairs=*/false));
 }
 
-template void bwd_fp32<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, const at::Tensor&, float, at::Tensor&, at::Tensor&,
-                              at::Tensor&);
-template void bwd_fp32<at::Half>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&, const at::Tensor&, float, at::Tensor&, at::Tensor&,
-                                 at::Tensor&);
-template void bwd_fp32<at::BFloat16>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, float,
-                                     at::Tensor&, at::Tensor&, at::Tensor&);
+template void bwd_fp32<float>(const AttentionArgs&);
+template void bwd_fp32<Half>(const AttentionArgs&);
+template void bwd_fp32<BFloat16>(const AttentionArgs&);
 
 }  // namespace cpu_attn
-}  // namespace fastgen
+FG_ISA_END

@@ -3,21 +3,18 @@
 // load (bf16 with AVX512_BF16 takes attention_bf16.cpp instead). The scale
 // (times log2(e)) is folded into the packed Q^T, so S^T comes out in base-2
 // units and P overwrites it in place.
-#include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
-#include "attention_common.h"
-#include "attention_fwd.h"
-#include "attention_gemm.h"
-#include "attention_pack.h"
-#include "attention_simd.h"
+#include "cpu/kernels/attention_common.h"
+#include "cpu/kernels/attention_fwd.h"
+#include "cpu/kernels/attention_gemm.h"
+#include "cpu/kernels/attention_pack.h"
+#include "cpu/kernels/attention_simd.h"
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace cpu_attn {
 namespace {
 
@@ -111,17 +108,13 @@ class Fp32FwdTile {
 }  // namespace
 
 template <typename T>
-void fwd_fp32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale, at::Tensor& o,
-              at::Tensor& lse) {
-  run_fwd<Fp32FwdTile<T>>(FwdPlan<T>(q, k, v, scale, o, lse, /*pairs=*/false));
+void fwd_fp32(const AttentionArgs& a) {
+  run_fwd<Fp32FwdTile<T>>(FwdPlan<T>(a, /*pairs=*/false));
 }
 
-template void fwd_fp32<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, at::Tensor&,
-                              at::Tensor&);
-template void fwd_fp32<at::Half>(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, at::Tensor&,
-                                 at::Tensor&);
-template void fwd_fp32<at::BFloat16>(const at::Tensor&, const at::Tensor&, const at::Tensor&, float,
-                                     at::Tensor&, at::Tensor&);
+template void fwd_fp32<float>(const AttentionArgs&);
+template void fwd_fp32<Half>(const AttentionArgs&);
+template void fwd_fp32<BFloat16>(const AttentionArgs&);
 
 }  // namespace cpu_attn
-}  // namespace fastgen
+FG_ISA_END

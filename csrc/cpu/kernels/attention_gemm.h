@@ -13,9 +13,9 @@
 #pragma once
 #include <cstdint>
 
-#include "attention_simd.h"
+#include "cpu/kernels/attention_simd.h"
 
-namespace fastgen {
+FG_ISA_BEGIN
 namespace cpu_attn {
 
 template <bool BF>
@@ -186,4 +186,4 @@ void gemm(int64_t M, int64_t N, int64_t K, const typename Elem<BF>::type* A, int
 }
 
 }  // namespace cpu_attn
-}  // namespace fastgen
+FG_ISA_END

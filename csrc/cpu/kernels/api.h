@@ -1,0 +1,116 @@
+// The boundary between the CPU entry points (compiled once, for the baseline
+// ISA) and the CPU kernels (compiled once per ISA variant). See
+// csrc/cpu/dispatch.h for how a variant is chosen.
+//
+// This header is included on both sides, so it holds only plain structs of
+// raw pointers and sizes: no ATen / c10 / std containers. The kernels get
+// everything they need through these structs, including the thread pool
+// (Parallel: a type-erased at::parallel_for set up by the baseline code).
+#pragma once
+
+#include <cstdint>
+
+namespace fastgen {
+namespace cpu {
+
+// Element types, as the kernels see them (the entry points map at::ScalarType).
+enum class Dtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+// body(ctx, begin, end) over [begin, end) in chunks of at least `grain`, on
+// torch's intra-op thread pool (at::parallel_for in csrc/cpu/dispatch.cpp).
+using ParallelBody = void (*)(void* ctx, int64_t begin, int64_t end);
+struct Parallel {
+  void (*run)(int64_t begin, int64_t end, int64_t grain, void* ctx, ParallelBody body);
+  int num_threads;  // at::get_num_threads() at the call
+};
+
+// ------------------------------------------------------------------ geglu
+// x (M, 2H) contiguous, out / dout (M, H), dx (M, 2H); one dtype.
+struct GegluArgs {
+  Dtype dtype;
+  bool approximate_tanh;
+  int64_t M, H;
+  const void* x;
+  const void* dout;  // backward only
+  void* out;         // forward: out; backward: dx
+  Parallel par;
+};
+
+// --------------------------------------------------------------- sampling
+// All tensors dense in sample's memory order (see csrc/sampling_args.h).
+struct SamplingArgs {
+  int64_t N, S;
+  int64_t coeff_stride;  // 7 (a row per sample) or 0 (one row)
+  const float* coeffs;
+  bool cfg, clip, return_x0;
+  float guidance, clip_value;
+  const void* sample;
+  Dtype sample_dtype;
+  const void* model_output;  // 2N samples with cfg ([uncond; cond])
+  Dtype model_output_dtype;
+  const void* extra[3];  // extra1, extra2, noise; nullptr when absent
+  Dtype extra_dtype[3];
+  void* out;  // sample's dtype
+  void* x0;   // sample's dtype; nullptr unless return_x0
+  Parallel par;
+};
+
+// ------------------------------------------------------------- group_norm
+// x viewed as (N, C, S) (channels-first) or (N, S, C) (channels_last).
+struct GroupNormArgs {
+  Dtype dtype;
+  int64_t N, C, S, G;
+  bool channels_last;  // or S == 1, where both layouts coincide
+  bool silu;
+  double eps;
+  const void* x;
+  const void* residual;  // forward, optional (nullptr)
+  const void* dy;        // backward
+  const float* weight;
+  const float* bias;
+  void* y;        // forward: y; backward: dx
+  float* mean;    // (N, G): written by the forward, read by the backward
+  float* rstd;
+  double* sum_dz;       // backward: (N, C) scratch, written by the kernel
+  double* sum_dz_xhat;  // backward: (N, C)
+  Parallel par;
+};
+
+// -------------------------------------------------------------- attention
+// q (BH, Nq, D), k and v (BH, Nk, D), contiguous, one dtype.
+struct AttentionArgs {
+  Dtype dtype;
+  int64_t BH, Nq, Nk, D;
+  float scale;
+  const void *q, *k, *v;
+  const void *dout, *o;  // backward
+  const float* lse_in;   // backward
+  void* o_out;           // forward
+  float* lse_out;        // forward
+  void *dq, *dk, *dv;    // backward
+  Parallel par;
+};
+
+// One ISA variant's kernels. Every entry may assume its ISA is present.
+struct KernelTable {
+  const char* name;
+  void (*geglu_fwd)(const GegluArgs&);
+  void (*geglu_bwd)(const GegluArgs&);
+  void (*sampling_step)(const SamplingArgs&);
+  void (*group_norm_fwd)(const GroupNormArgs&);
+  void (*group_norm_bwd)(const GroupNormArgs&);
+  void (*attention_fwd)(const AttentionArgs&);
+  void (*attention_bwd)(const AttentionArgs&);
+};
+
+// The variants, lowest first. Each one that was built defines its table in
+// namespace fastgen::cpu::<name> (csrc/cpu/kernels/table.cpp compiled with
+// -DFASTGEN_CPU_CAPABILITY=<name>); setup.py passes -DFASTGEN_CPU_HAVE_<NAME>
+// to the baseline code for each built variant.
+namespace portable { extern const KernelTable kTable; }
+namespace avx2 { extern const KernelTable kTable; }
+namespace avx512 { extern const KernelTable kTable; }
+namespace avx512_bf16 { extern const KernelTable kTable; }
+
+}  // namespace cpu
+}  // namespace fastgen

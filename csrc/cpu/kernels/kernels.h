@@ -1,0 +1,19 @@
+// The kernels one ISA variant exports (through its KernelTable, table.cpp).
+// Per-ISA code: include only from csrc/cpu/kernels/*.cpp.
+#pragma once
+
+#include "cpu/kernels/common.h"
+
+FG_ISA_BEGIN
+
+void geglu_fwd(const GegluArgs& a);
+void geglu_bwd(const GegluArgs& a);
+void sampling_step(const SamplingArgs& a);
+void group_norm_fwd(const GroupNormArgs& a);
+void group_norm_bwd(const GroupNormArgs& a);
+namespace cpu_attn {
+void attention_fwd(const AttentionArgs& a);
+void attention_bwd(const AttentionArgs& a);
+}  // namespace cpu_attn
+
+FG_ISA_END
