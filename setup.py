@@ -273,7 +273,7 @@ if skipped:
 setup(
     packages=find_packages(include=["fastgen", "fastgen.*"]) + ["fastgen.kernels"],
     package_dir={"fastgen.kernels": "kernels"},
-    package_data={"fastgen": ["_build_info.json"]},
+    package_data={"fastgen": ["_build_info.json", "data/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
