@@ -206,13 +206,17 @@ def resolve(
     supported: Sequence[str] = BACKENDS,
     preference: Optional[Sequence[str]] = None,
     unsupported_reason: Optional[dict[str, str]] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> str:
     """Pick the backend for one call of ``op`` on ``device``.
 
     ``supported`` lists the backends that implement ``op``;
     ``unsupported_reason`` maps a backend to why it cannot take these
     particular inputs (e.g. a head dim its kernel lacks). ``preference``
-    overrides the device's default automatic order.
+    overrides the device's default automatic order. With ``dtype``, the
+    automatic choice on CPU skips the C++ kernel where the extension says it
+    is slower than eager PyTorch on this CPU's instruction-set variant (the
+    portable build: see :func:`cpu_kernel_is_fast`).
     """
     device = device if isinstance(device, torch.device) else torch.device(device)
     name = requested_backend(backend)
@@ -222,9 +226,12 @@ def resolve(
         kind = device.type  # (a property that costs ~0.5 us: read once)
         order = preference or DEFAULT_PREFERENCE.get(kind, ())
         interp = kind == "cpu" and "triton" in order and triton_interpreter_enabled()
-        key = (op, kind, tuple(supported), preference and tuple(preference), interp, _load_extension())
+        slow_cpu = kind == "cpu" and dtype is not None and "cpu" in order and not cpu_kernel_is_fast(op, dtype)
+        key = (op, kind, tuple(supported), preference and tuple(preference), interp, slow_cpu, _load_extension())
         hit = _auto_choice.get(key)
         if hit is None:
+            if slow_cpu:
+                preference = tuple(b for b in order if b != "cpu")
             hit = _auto_choice[key] = _choose_automatically(op, device, supported, preference, {})
         return hit
     unsupported_reason = unsupported_reason or {}
@@ -240,6 +247,23 @@ def resolve(
         return name
 
     return _choose_automatically(op, device, supported, preference, unsupported_reason)
+
+
+_fast_cpu: dict[tuple, bool] = {}
+
+
+def cpu_kernel_is_fast(op: str, dtype: torch.dtype) -> bool:
+    """Whether fastgen's C++ CPU kernel of ``op`` beats eager PyTorch for ``dtype`` on the instruction-set
+    variant the extension runs now (``fastgen._C.cpu_isa()``, which ``FASTGEN_CPU_ISA`` may lower). The
+    extension owns the answer; it is False for the portable variant's geglu, group_norm and attention."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "cpu_kernel_is_fast"):
+        return True
+    key = (op, dtype, ext.cpu_isa())
+    hit = _fast_cpu.get(key)
+    if hit is None:
+        hit = _fast_cpu[key] = bool(ext.cpu_kernel_is_fast(op, str(dtype).replace("torch.", "")))
+    return hit
 
 
 def _choose_automatically(op, device, supported, preference, unsupported_reason) -> str:

@@ -434,3 +434,27 @@ def test_cpu_kernel_is_fast():
         C.cpu_kernel_is_fast("conv", "float32")
     with pytest.raises(ValueError):
         C.cpu_kernel_is_fast("geglu", "float64")
+
+
+def test_automatic_choice_takes_eager_where_the_variant_is_slower():
+    # On the portable variant only sampling_step's kernel beats eager PyTorch (the extension says so),
+    # so the automatic choice takes the torch backend for the others there; a named backend still runs
+    # the kernel.
+    from fastgen import _backend
+    from fastgen.ops import geglu
+
+    cpu = torch.device("cpu")
+
+    def choices():
+        return {op: _backend.resolve(op, cpu, dtype=torch.float32)
+                for op in ("geglu", "group_norm", "attention", "sampling_step")}
+
+    best = C.cpu_isa()
+    portable = run_under("portable", choices)
+    assert portable == {"geglu": "torch", "group_norm": "torch", "attention": "torch", "sampling_step": "cpu"}
+    x = torch.randn(3, 70)
+    want = geglu(x, backend="torch")
+    torch.testing.assert_close(run_under("portable", lambda: geglu(x, backend="cpu")), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run_under("portable", lambda: geglu(x)), want, rtol=0, atol=0)
+    if best != "portable":
+        assert choices() == dict.fromkeys(portable, "cpu")

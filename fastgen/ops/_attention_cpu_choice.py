@@ -77,8 +77,14 @@ def _cpu_flags() -> set[str]:
 
 @functools.lru_cache(maxsize=None)
 def cpu_isa() -> str:
-    """The best instruction set of this CPU that the kernels use: ``avx512_bf16``, ``avx512``, ``avx2``
-    (with FMA) or ``portable``."""
+    """The instruction-set variant the CPU kernels run: ``avx512_bf16``, ``avx512``, ``avx2`` (with FMA) or
+    ``portable`` — the extension's own choice (which ``FASTGEN_CPU_ISA`` may lower), or, without the
+    extension, the best this CPU reports."""
+    from .. import _backend
+
+    ext = _backend.extension()
+    if ext is not None and hasattr(ext, "cpu_isa"):
+        return ext.cpu_isa()
     flags = _cpu_flags()
     if not flags:  # not Linux: what PyTorch's own CPU dispatch detected
         cap = str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()).lower()

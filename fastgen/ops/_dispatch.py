@@ -125,11 +125,12 @@ class Op:
 
     # ------------------------------------------------------------ routes
 
-    def resolve(self, device: torch.device, backend: Optional[str] = None, *,
+    def resolve(self, device: torch.device, backend: Optional[str] = None, *, dtype: Optional[torch.dtype] = None,
                 preference: Optional[Sequence[str]] = None, unsupported_reason: Optional[dict] = None) -> str:
-        """The backend for one call on ``device`` (the ``backend=`` argument, context, env, or automatic)."""
+        """The backend for one call on ``device`` (the ``backend=`` argument, context, env, or automatic;
+        ``dtype`` lets the automatic choice skip a CPU kernel slower than eager for it)."""
         return _backend.resolve(self.name, device, backend, supported=self.backends, preference=preference,
-                                unsupported_reason=unsupported_reason)
+                                unsupported_reason=unsupported_reason, dtype=dtype)
 
     def __call__(self, *args):
         """Run the forward contract ``args`` (ending with the backend name) on the right route."""

@@ -144,6 +144,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         # the measured CPU choice decides only an automatic choice (a named backend never reads it)
         preference=_preference(q, k, v) if requested is None else None,
         unsupported_reason=_unsupported(q),
+        dtype=q.dtype,
     )
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o, _ = _op(q, k, v, scale, chosen)

@@ -101,7 +101,7 @@ def geglu(x: Tensor, *, approximate: str = "none", backend: Optional[str] = None
     Returns a contiguous (..., H) tensor of x's dtype. Math is fp32.
     """
     _check_inputs(x, approximate)
-    chosen = _op.resolve(x.device, backend)
+    chosen = _op.resolve(x.device, backend, dtype=x.dtype)
     if x.numel() == 0:
         chosen = "torch"
     return _op(x.contiguous(), approximate == "tanh", chosen)

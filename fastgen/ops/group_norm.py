@@ -154,7 +154,7 @@ def group_norm(
     Statistics are computed in fp32; the output has x's dtype and layout.
     """
     _check_inputs(x, num_groups, weight, bias, activation, residual)
-    chosen = _op.resolve(x.device, backend)
+    chosen = _op.resolve(x.device, backend, dtype=x.dtype)
     if x.numel() == 0:
         chosen = "torch"
     x = kernel_layout(x)

@@ -229,7 +229,7 @@ def sampling_step(
     """
     coeffs, extra1, extra2 = _flatten(update, sample)
     _check_step(sample, model_output, extra1, extra2, noise, guidance_scale)
-    chosen = _op.resolve(sample.device, backend)
+    chosen = _op.resolve(sample.device, backend, dtype=sample.dtype)
     g = None if guidance_scale is None else float(guidance_scale)
     cl = None if clip is None else float(clip)
     # One memory order for all: sample's if the kernels can walk it, every other tensor in it.
