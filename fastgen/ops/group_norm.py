@@ -46,8 +46,11 @@ def _reference_fwd(
     ``y`` (and ``residual``) have x's strides."""
     n, c = x.shape[:2]
     xf = x.float().reshape(n, num_groups, (c // num_groups) * _spatial(x))
-    # torch.var_mean is two-pass, so a large mean does not cancel the variance away.
-    var, mean = torch.var_mean(xf, dim=-1, unbiased=False)
+    if xf.numel() == 0:  # (an empty group has no statistics; var_mean would warn about it)
+        var = mean = xf.new_full(xf.shape[:2], float("nan"))
+    else:
+        # torch.var_mean is two-pass, so a large mean does not cancel the variance away.
+        var, mean = torch.var_mean(xf, dim=-1, unbiased=False)
     rstd = torch.rsqrt(var + eps)
     xhat = ((xf - mean[..., None]) * rstd[..., None]).reshape(n, c, _spatial(x))
     z = xhat * weight.float()[None, :, None] + bias.float()[None, :, None]
