@@ -31,7 +31,7 @@ def all_backends(device: str = "cpu") -> list[str]:
 
 
 def assert_lowp_close(out: torch.Tensor, ref32: torch.Tensor, torch_lowp: torch.Tensor, factor: float = 2.0, what: str = "") -> None:
-    """DESIGN.md's rule: the kernel's max error against an fp32 reference is at
+    """docs/design.md's tolerance rule: the kernel's max error against an fp32 reference is at
     most ``factor`` x the error of PyTorch's own op in the same dtype.
 
     A floor of one unit of the dtype's rounding at the reference's magnitude

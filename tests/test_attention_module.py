@@ -7,7 +7,7 @@ cross-attention outputs come out bit-identical in practice; the GroupNorm of
 the VAE block is fastgen's (its own reduction order), and the native kernels
 (Triton under the interpreter, the C++ CPU kernel when built) sum the softmax
 in another order, both of which stay within those defaults at these sizes.
-fp16/bf16 follow DESIGN.md's rule (at most 2x PyTorch's own error against
+fp16/bf16 follow docs/design.md's rule (at most 2x PyTorch's own error against
 fp32).
 """
 
