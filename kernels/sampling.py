@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.ops._layout import has_layout_of, is_batch_outer_dense
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Elements per program. On a GPU 1024 elements over 4 warps is 8 per thread:
@@ -115,27 +117,6 @@ def _sampling_step_kernel(
         tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-# ------------------------------------------------------------------ preconditions
-
-
-def _batch_outer_dense(t: torch.Tensor, S: int) -> bool:
-    """Dense with the batch dim outermost: sample n is memory [n*S, (n+1)*S) (any order inside)."""
-    dims = sorted((st, size) for size, st in zip(t.shape, t.stride()) if size != 1)
-    expected = 1
-    for st, size in dims:
-        if st != expected:
-            return False
-        expected *= size
-    return t.shape[0] <= 1 or t.stride(0) == S
-
-
-def _like_sample(t: torch.Tensor, sample: torch.Tensor, S: int) -> bool:
-    """``t`` has sample's memory order (its batch may be 2N): the kernel indexes both alike."""
-    return (t.shape[0] <= 1 or t.stride(0) == S) and all(
-        size <= 1 or st == want for size, st, want in zip(t.shape[1:], t.stride()[1:], sample.stride()[1:])
-    )
-
-
 # ------------------------------------------------------------------ launcher
 
 
@@ -146,15 +127,15 @@ def sampling_step(sample, model_output, coeffs, extra1, extra2, noise, guidance_
     numel = sample.numel()
     S = numel // n if n > 0 else 0
     cfg = guidance_scale is not None
-    dense = numel == 0 or _batch_outer_dense(sample, S)  # (strides of empty tensors don't matter)
+    dense = numel == 0 or is_batch_outer_dense(sample)  # (strides of empty tensors don't matter)
     assert dense, f"sampling_step (triton): sample must be dense with the batch outermost, got strides {sample.stride()}"
     mo_shape = (2 * n if cfg else n, *sample.shape[1:])
     assert model_output.dtype in _FLOAT_DTYPES and model_output.shape == mo_shape \
-        and (numel == 0 or _like_sample(model_output, sample, S)), \
+        and (numel == 0 or has_layout_of(model_output, sample)), \
         "sampling_step (triton): model_output must have sample's shape (2N batch under CFG) and layout"
     for t in (extra1, extra2, noise):
         assert t is None or (t.dtype in _FLOAT_DTYPES and t.shape == sample.shape
-                             and (numel == 0 or _like_sample(t, sample, S))), \
+                             and (numel == 0 or has_layout_of(t, sample))), \
             "sampling_step (triton): extra1, extra2 and noise must have sample's shape and layout"
     assert coeffs.dtype == torch.float32 and coeffs.is_contiguous() and coeffs.device == sample.device, \
         "sampling_step (triton): coeffs must be contiguous float32 on sample's device"

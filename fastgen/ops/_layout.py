@@ -80,13 +80,20 @@ def batch_outer_layout(t: torch.Tensor) -> torch.Tensor:
     return t if is_batch_outer_dense(t) else t.contiguous()
 
 
-def in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` in ``ref``'s memory order (``ref`` batch-outer dense; the batch sizes may differ), copying only
-    when the order differs."""
+def _batch_outer_strides(ref: torch.Tensor) -> tuple[int, ...]:
+    return (_per_sample(ref), *ref.stride()[1:])
+
+
+def has_layout_of(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether ``t`` is in ``ref``'s memory order (``ref`` batch-outer dense; the batch sizes may differ), so
+    an elementwise kernel indexes both alike. Strides of size-1 dims never matter."""
     if ref.is_contiguous() and t.is_contiguous():
+        return True
+    return all(size <= 1 or st == want for size, st, want in zip(t.shape, t.stride(), _batch_outer_strides(ref)))
+
+
+def in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``ref``'s memory order (see :func:`has_layout_of`), copying only when the order differs."""
+    if has_layout_of(t, ref):
         return t
-    s = _per_sample(ref)
-    strides = (s, *ref.stride()[1:])
-    if all(size <= 1 or st == want for size, st, want in zip(t.shape, t.stride(), strides)):
-        return t
-    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+    return torch.empty_strided(t.shape, _batch_outer_strides(ref), dtype=t.dtype, device=t.device).copy_(t)
