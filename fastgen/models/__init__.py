@@ -1,5 +1,7 @@
-"""fastgen's model building blocks and, in later releases, whole models."""
+"""fastgen's models: diffusers-compatible U-Nets and the VAE, built from fastgen's fused blocks."""
 
 from .blocks import Attention, GroupNorm
+from .unet_2d import UNet2DModel
+from .unet_2d_condition import UNet2DConditionModel
 
-__all__ = ["Attention", "GroupNorm"]
+__all__ = ["Attention", "GroupNorm", "UNet2DConditionModel", "UNet2DModel"]

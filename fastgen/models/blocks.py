@@ -437,7 +437,8 @@ class Attention(torch.nn.Module):
                 )
             if context.shape[1] == 0:
                 raise ValueError("Attention: encoder_hidden_states has no tokens")
-            if context.dtype != x.dtype:
+            # Under autocast the projections cast both to the autocast dtype, as in diffusers.
+            if context.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
                 raise TypeError(
                     f"Attention: encoder_hidden_states dtype {str(context.dtype).replace('torch.', '')} differs from "
                     f"hidden_states dtype {str(x.dtype).replace('torch.', '')}"
