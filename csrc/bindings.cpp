@@ -57,7 +57,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
       },
       pybind11::arg("op"), pybind11::arg("dtype"),
-      "whether the CPU kernel of op ('geglu', 'group_norm', 'attention', 'sampling_step') for dtype "
+      "whether the CPU kernel of op ('geglu', 'group_norm', 'attention', 'sampling_step', "
+      "'vae_postprocess') for dtype "
       "('float32', 'float16', 'bfloat16') under the current ISA variant was measured at least as "
       "fast as eager PyTorch (see csrc/cpu/dispatch.h)");
   m.def("cpu_isa_names", &fastgen::cpu::isa_names, "every ISA variant name, lowest first");
@@ -81,6 +82,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd_cpu", &fastgen::attention_bwd_cpu);
   m.def("geglu_fwd_cpu", &fastgen::geglu_fwd_cpu);
   m.def("geglu_bwd_cpu", &fastgen::geglu_bwd_cpu);
+  m.def("vae_postprocess_fwd_cpu", &fastgen::vae_postprocess_fwd_cpu);
+  m.def("vae_postprocess_bwd_cpu", &fastgen::vae_postprocess_bwd_cpu);
 #ifdef FASTGEN_WITH_CUDA
   m.def("group_norm_fwd_cuda", &fastgen::group_norm_fwd_cuda);
   m.def("group_norm_bwd_cuda", &fastgen::group_norm_bwd_cuda);
@@ -88,5 +91,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd_cuda", &fastgen::attention_fwd_cuda);
   m.def("geglu_fwd_cuda", &fastgen::geglu_fwd_cuda);
   m.def("geglu_bwd_cuda", &fastgen::geglu_bwd_cuda);
+  m.def("vae_postprocess_fwd_cuda", &fastgen::vae_postprocess_fwd_cuda);
+  m.def("vae_postprocess_bwd_cuda", &fastgen::vae_postprocess_bwd_cuda);
 #endif
 }

@@ -110,3 +110,24 @@ at::Tensor geglu_bwd_cuda(const at::Tensor& dout, const at::Tensor& x, bool appr
 #endif
 
 }  // namespace fastgen
+
+namespace fastgen {
+
+// VAE output post-processing (fastgen/ops/vae_postprocess.py has the
+// reference): x (B, C, H, W), float32/float16/bfloat16, contiguous or
+// channels-last dense (a precondition, csrc/vae_postprocess_args.h).
+// Returns clamp(x * 0.5 + 0.5, 0, 1) in x's dtype with x's strides, or with
+// to_uint8 a contiguous (B, H, W, C) uint8 tensor of round_half_even(255 *
+// that) (NaN -> 0). Math in fp32.
+at::Tensor vae_postprocess_fwd_cpu(const at::Tensor& x, bool to_uint8);
+// dy: x's sizes, strides and dtype. Returns dx (x's strides and dtype):
+// 0.5 * dy where 0 <= x * 0.5 + 0.5 <= 1 (torch.clamp's gradient), else 0.
+at::Tensor vae_postprocess_bwd_cpu(const at::Tensor& dy, const at::Tensor& x);
+
+#ifdef FASTGEN_WITH_CUDA
+// Same contracts as the CPU entry points, for CUDA tensors.
+at::Tensor vae_postprocess_fwd_cuda(const at::Tensor& x, bool to_uint8);
+at::Tensor vae_postprocess_bwd_cuda(const at::Tensor& dy, const at::Tensor& x);
+#endif
+
+}  // namespace fastgen

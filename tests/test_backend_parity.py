@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgen.ops import attention, geglu, group_norm, sampling_step
+from fastgen.ops import attention, geglu, group_norm, sampling_step, vae_postprocess
 from fastgen.ops.sampling import StepUpdate, X0From
 
 from helpers import all_backends
@@ -193,3 +193,37 @@ def test_sampling_step_gradients_every_backend():
         return x.grad, mo.grad, e1.grad
 
     _assert_same(_run_everywhere(grads), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ vae_postprocess
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "permuted"])
+@pytest.mark.parametrize("output", ["float", "uint8"])
+def test_vae_postprocess_layouts(layout, output):
+    x = _layouts(_seeded(2, 3, 5, 7))[layout]
+    _assert_same(_run_everywhere(lambda be: vae_postprocess(x, output=output, backend=be)), rtol=0, atol=0)
+
+
+def test_vae_postprocess_expanded_zero_size_and_errors():
+    x = _seeded(1, 3, 1, 1).expand(2, 3, 4, 5)  # stride 0 in three dims
+    for output in ("float", "uint8"):
+        _assert_same(_run_everywhere(lambda be: vae_postprocess(x, output=output, backend=be)), rtol=0, atol=0)
+        empty = torch.empty(2, 3, 0, 4).contiguous(memory_format=torch.channels_last)
+        _assert_same(_run_everywhere(lambda be: vae_postprocess(empty, output=output, backend=be)))
+    _assert_same(_run_everywhere(lambda be: vae_postprocess(_seeded(3, 4, 5), backend=be)))  # 3-D
+    _assert_same(_run_everywhere(lambda be: vae_postprocess(x.double(), backend=be)))
+    _assert_same(_run_everywhere(lambda be: vae_postprocess(x, output="pil", backend=be)))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_vae_postprocess_gradients_layouts(layout):
+    x0 = _layouts(_seeded(2, 3, 4, 5) * 1.5)[layout]
+    dy = _layouts(_seeded(2, 3, 4, 5, seed=5))["permuted"]
+
+    def grads(be):
+        x = x0.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        vae_postprocess(x, backend=be).backward(dy)
+        return x.grad
+
+    _assert_same(_run_everywhere(grads), rtol=0, atol=0)

@@ -309,6 +309,44 @@ def test_sampling_step_channels_last_keeps_layout(isa):
     torch.testing.assert_close(out, _step_ref(x, mo, randn(7, seed=2), None, None, None, None, None)[0], rtol=0, atol=0)
 
 
+# --------------------------------------------------------- vae_postprocess
+
+
+def _vae_ref(x, dy):
+    xr = x.float().requires_grad_(True)
+    y = (xr / 2 + 0.5).clamp(0, 1)
+    y.backward(dy.float())
+    img = (y.detach() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return y.detach().to(x.dtype), img, xr.grad.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 17, 23), (1, 4, 9, 65), (1, 1, 5, 7), (3, 5, 1, 1)])
+def test_vae_postprocess(isa, dtype, cl, shape):
+    x = (randn(*shape) * 0.8).to(dtype)
+    x.view(-1)[:4] = torch.tensor([-1.0, 1.0, 3.0, -3.0]).to(dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.empty_like(x).copy_(randn(*shape, seed=1))
+    y = C.vae_postprocess_fwd_cpu(x, False)
+    img = C.vae_postprocess_fwd_cpu(x, True)
+    dx = C.vae_postprocess_bwd_cpu(dy, x)
+    ry, rimg, rdx = _vae_ref(x, dy)
+    assert y.stride() == x.stride() and dx.stride() == x.stride() and img.is_contiguous()
+    # bit-identical on every variant: no reductions, one rounding per output
+    assert torch.equal(y, ry) and torch.equal(img, rimg) and torch.equal(dx, rdx)
+
+
+def test_vae_postprocess_variants_agree():
+    x = randn(2, 3, 40, 50) * 0.9
+    res = per_variant(lambda: (C.vae_postprocess_fwd_cpu(x, False), C.vae_postprocess_fwd_cpu(x, True),
+                               C.vae_postprocess_bwd_cpu(x, x)))
+    for name, got in res.items():
+        for a, b in zip(got, res["portable"]):
+            assert torch.equal(a, b), name
+
+
 # ----------------------------------------------- preconditions, not copies
 
 
@@ -323,6 +361,10 @@ def test_entry_points_reject_layouts_instead_of_copying():
         C.group_norm_fwd_cpu(x, torch.ones(16)[::2], b, None, 4, 1e-5, False)
     with pytest.raises(RuntimeError, match="contiguous"):
         C.geglu_fwd_cpu(randn(4, 6).t(), False)
+    with pytest.raises(RuntimeError, match="contiguous or channels-last"):
+        C.vae_postprocess_fwd_cpu(x.transpose(2, 3), True)
+    with pytest.raises(RuntimeError, match="strides"):
+        C.vae_postprocess_bwd_cpu(x.to(memory_format=torch.channels_last), x)
     with pytest.raises(RuntimeError, match="contiguous"):
         C.attention_fwd_cpu(randn(1, 1, 4, 8).transpose(2, 3), randn(1, 1, 8, 4), randn(1, 1, 8, 4), 1.0)
     s = randn(2, 3, 4)
@@ -425,10 +467,11 @@ def test_only_the_isa_variants_use_wide_instructions():
 def test_cpu_kernel_is_fast():
     for name in ISAS:
         def check():
-            for op in ("geglu", "group_norm", "attention", "sampling_step"):
+            for op in ("geglu", "group_norm", "attention", "sampling_step", "vae_postprocess"):
                 for dt in ("float32", "float16", "bfloat16"):
                     fast = C.cpu_kernel_is_fast(op, dt)
-                    assert fast == (name != "portable" or op == "sampling_step")
+                    portable_fast = op == "sampling_step" or (op == "vae_postprocess" and dt == "float32")
+                    assert fast == (name != "portable" or portable_fast), (name, op, dt)
         run_under(name, check)
     with pytest.raises(ValueError):
         C.cpu_kernel_is_fast("conv", "float32")
@@ -458,3 +501,9 @@ def test_automatic_choice_takes_eager_where_the_variant_is_slower():
     torch.testing.assert_close(run_under("portable", lambda: geglu(x)), want, rtol=0, atol=0)
     if best != "portable":
         assert choices() == dict.fromkeys(portable, "cpu")
+    # vae_postprocess: the portable kernel is used for fp32 only (software fp16, slow bf16 float output)
+    vae = lambda: {dt: _backend.resolve("vae_postprocess", cpu, dtype=dt)
+                   for dt in (torch.float32, torch.float16, torch.bfloat16)}
+    assert run_under("portable", vae) == {torch.float32: "cpu", torch.float16: "torch", torch.bfloat16: "torch"}
+    if best != "portable":
+        assert set(vae().values()) == {"cpu"}

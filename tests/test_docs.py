@@ -25,11 +25,11 @@ def _tracked_files():
 
 
 def test_design_names_every_declared_op():
-    from fastgen.ops import attention, geglu, group_norm, sampling  # noqa: F401  (declares the ops)
+    from fastgen.ops import attention, geglu, group_norm, sampling, vae_postprocess  # noqa: F401  (declares the ops)
     import importlib
 
     text = DESIGN.read_text()
-    for module in ("attention", "geglu", "group_norm", "sampling"):
+    for module in ("attention", "geglu", "group_norm", "sampling", "vae_postprocess"):
         op = importlib.import_module(f"fastgen.ops.{module}")._op
         assert f"`{op.name}`" in text, f"docs/design.md does not mention the op {op.name}"
 

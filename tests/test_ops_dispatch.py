@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fastgen.ops import attention, geglu, group_norm
+from fastgen.ops import attention, geglu, group_norm, vae_postprocess
 from fastgen.ops.attention import _op as _attention
 from fastgen.ops.geglu import _op as _geglu
 from fastgen.ops.group_norm import _op as _group_norm
+from fastgen.ops.vae_postprocess import _op as _vae_postprocess
 
 _attention_op, _geglu_op, _group_norm_op = _attention.custom_op, _geglu.custom_op, _group_norm.custom_op
 
@@ -26,6 +27,11 @@ def _case(name, backend):
     if name == "geglu":
         x = torch.randn(3, 5, 2 * 24, generator=g)
         return (x,), (lambda x: geglu(x, backend=backend)), (lambda x: _geglu_op(x, False, backend))
+    if name == "vae_postprocess":
+        x = torch.randn(2, 3, 5, 7, generator=g) * 1.5
+        return (x,), (lambda x: vae_postprocess(x, backend=backend)), (
+            lambda x: _vae_postprocess.custom_op(x, False, backend)
+        )
     if name == "attention":
         q, k, v = (torch.randn(1, 2, n, 32, generator=g) for n in (9, 7, 7))
         return (q, k, v), (lambda q, k, v: attention(q, k, v, scale=0.3, backend=backend)), (
@@ -37,7 +43,7 @@ def _case(name, backend):
     )
 
 
-OPS = ["geglu", "attention", "group_norm"]
+OPS = ["geglu", "attention", "group_norm", "vae_postprocess"]
 
 
 @pytest.mark.parametrize("backend", all_backends())

@@ -23,6 +23,7 @@ from kernels import attention as A  # noqa: E402
 from kernels import geglu as GG  # noqa: E402
 from kernels import group_norm as GN  # noqa: E402
 from kernels import sampling as SM  # noqa: E402
+from kernels import vae_postprocess as VP  # noqa: E402
 
 
 def unwrap(k):
@@ -110,6 +111,16 @@ def cases():
                 x_ptr=dt, mo_ptr=dt, c_ptr="fp32", e1_ptr=dt, e2_ptr=dt, nz_ptr=dt, out_ptr=dt, x0_ptr=dt,
                 S=16384, cond_off=32768, coeff_stride=7, blocks_per_sample=16, g=7.5, clip=1.0, BLOCK=1024,
                 **flags), 4, 2
+    # vae_postprocess: float and uint8 linear walks, the NCHW -> NHWC uint8 transpose, the backward
+    for dt in ("fp32", "fp16", "bf16"):
+        yield f"vae_fwd_{dt}_float", VP._vae_postprocess_fwd_kernel, dict(X=dt, OUT=dt, total=3 * 1024 * 1024,
+              BLOCK=1024, TO_UINT8=False, ROUND_BF16=False), 4, 2
+        yield f"vae_fwd_{dt}_uint8", VP._vae_postprocess_fwd_kernel, dict(X=dt, OUT="u8", total=3 * 1024 * 1024,
+              BLOCK=1024, TO_UINT8=True, ROUND_BF16=False), 4, 2
+        yield f"vae_nhwc_{dt}", VP._vae_postprocess_nhwc_kernel, dict(X=dt, OUT="u8", C=3, P=1024 * 1024,
+              blocks_per_image=4096, BLOCK_P=256, BLOCK_C=4), 4, 2
+        yield f"vae_bwd_{dt}", VP._vae_postprocess_bwd_kernel, dict(X=dt, DY=dt, DX=dt, total=3 * 1024 * 1024,
+              BLOCK=1024), 4, 2
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ from .geglu import geglu, geglu_reference
 from .group_norm import group_norm, group_norm_reference
 from .sampling import StepUpdate, X0From, q_sample, sampling_step, v_target
 from .timestep_embedding import timestep_embedding
+from .vae_postprocess import vae_postprocess, vae_postprocess_reference
 
 __all__ = [
     "StepUpdate",
@@ -22,4 +23,6 @@ __all__ = [
     "sampling_step",
     "timestep_embedding",
     "v_target",
+    "vae_postprocess",
+    "vae_postprocess_reference",
 ]

@@ -91,6 +91,23 @@ struct AttentionArgs {
   Parallel par;
 };
 
+// -------------------------------------------------------- vae_postprocess
+// x viewed as (N, C, P) (channels-first, P = H * W) or (N, P, C)
+// (channels-last). Forward: out = clamp(x * 0.5 + 0.5, 0, 1), in x's dtype and
+// memory order, or as uint8 round_half_even(255 * that) in (N, P, C) order.
+// Backward: dx = 0.5 * dy where 0 <= x * 0.5 + 0.5 <= 1, else 0; dy and dx in
+// x's memory order.
+struct VaePostprocessArgs {
+  Dtype dtype;
+  int64_t N, C, P;
+  bool to_uint8;
+  bool transpose;  // forward uint8 only: x is (N, C, P) with C > 1 and P > 1
+  const void* x;
+  const void* dy;  // backward only
+  void* out;       // forward: y or the uint8 image; backward: dx
+  Parallel par;
+};
+
 // One ISA variant's kernels. Every entry may assume its ISA is present.
 struct KernelTable {
   const char* name;
@@ -101,6 +118,8 @@ struct KernelTable {
   void (*group_norm_bwd)(const GroupNormArgs&);
   void (*attention_fwd)(const AttentionArgs&);
   void (*attention_bwd)(const AttentionArgs&);
+  void (*vae_postprocess_fwd)(const VaePostprocessArgs&);
+  void (*vae_postprocess_bwd)(const VaePostprocessArgs&);
 };
 
 // The variants, lowest first. Each one that was built defines its table in

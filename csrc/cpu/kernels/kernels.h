@@ -11,6 +11,8 @@ void geglu_bwd(const GegluArgs& a);
 void sampling_step(const SamplingArgs& a);
 void group_norm_fwd(const GroupNormArgs& a);
 void group_norm_bwd(const GroupNormArgs& a);
+void vae_postprocess_fwd(const VaePostprocessArgs& a);
+void vae_postprocess_bwd(const VaePostprocessArgs& a);
 namespace cpu_attn {
 void attention_fwd(const AttentionArgs& a);
 void attention_bwd(const AttentionArgs& a);

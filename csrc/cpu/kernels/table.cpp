@@ -16,6 +16,8 @@ const KernelTable kTable = {
     &group_norm_bwd,
     &cpu_attn::attention_fwd,
     &cpu_attn::attention_bwd,
+    &vae_postprocess_fwd,
+    &vae_postprocess_bwd,
 };
 
 FG_ISA_END
