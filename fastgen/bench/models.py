@@ -156,6 +156,14 @@ def _openvino_runner(model, example: tuple, dtype: torch.dtype):
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
+    try:
+        import diffusers  # noqa: F401  (the baseline, and the source of the random weights)
+    except ImportError:
+        import sys
+
+        print("fastgen bench models: skipped, diffusers is not installed (pip install 'fastgen[bench]')",
+              file=sys.stderr)
+        return []
     out = []
     hw = 32 if quick else 64
     for dtype in _dtypes(device, quick):
