@@ -36,9 +36,9 @@ peak RSS of a fresh process from ``resource.getrusage(RUSAGE_SELF).ru_maxrss``):
 * tiled 1024x1024 decode (latent 1x4x128x128, 3x3 tiles of 64 latent pixels, 6.25 full tiles of work):
   384 s, peak RSS 1.68 GiB (growth 1.01 GiB): a tiled decode's peak is one tile's decode plus the output
   and two rows of decoded tiles, whatever the image size;
-* tiled 2048x2048 decode (latent 1x4x256x256, 6x6 tiles, 27.6 full tiles of work) not run (about 28
-  minutes here): extrapolated from the two runs, about 1.8 GiB peak RSS (the 48 MiB output and 2 x 6 tiles
-  of 3 MiB added to the 1024 run's) and 25-30 minutes;
+* tiled 2048x2048 decode (latent 1x4x256x256, 6x6 tiles, 27.6 full tiles of work), measured later on a
+  quieter machine: 786.5 s, peak RSS 1.73 GiB (growth 1.06 GiB over the same 0.67 GiB), output finite:
+  bounded by one tile's decode plus the 48 MiB output and two rows of tiles;
 * untiled 2048x2048 not run: about 15 GiB growth (the 512 decode's 0.96 GiB x 16 pixels; by hand, the last
   upsampler's 256-channel 2048x2048 fp32 tensors are 4 GiB each and two or three are live together).
 
