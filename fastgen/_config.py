@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import numpy as np
 from torch import Tensor
@@ -57,3 +58,23 @@ def _jsonable(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+MISSING = object()
+
+
+def deprecated_config_attribute(obj, name: str, example: str):
+    """diffusers still resolves config keys as attributes of a model or scheduler, with a FutureWarning; so do
+    fastgen's. The config value, or :data:`MISSING` when ``name`` is no public config key (``example`` names
+    the object in the message: ``"unet"``, ``"scheduler"``)."""
+    config = obj.__dict__.get("_config")
+    if config is None or name not in config or name.startswith("_"):
+        return MISSING
+    owner = type(obj).__name__
+    warnings.warn(
+        f"Accessing config attribute `{name}` directly via '{owner}' object attribute is deprecated. Please access "
+        f"'{name}' over '{owner}'s config object instead, e.g. '{example}.config.{name}'.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return config[name]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .._config import FrozenConfig
+from .._config import MISSING, FrozenConfig, deprecated_config_attribute
 
 
 @dataclass
@@ -152,18 +151,10 @@ class ModelMixin(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            config = self.__dict__.get("_config")
-            if config is not None and name in config and not name.startswith("_"):
-                # diffusers still resolves config keys as model attributes, with a FutureWarning; so do we.
-                warnings.warn(
-                    f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute is "
-                    f"deprecated. Please access '{name}' over '{type(self).__name__}'s config object instead, e.g. "
-                    f"'unet.config.{name}'.",
-                    FutureWarning,
-                    stacklevel=2,
-                )
-                return config[name]
-            raise
+            value = deprecated_config_attribute(self, name, "unet")
+            if value is MISSING:
+                raise
+            return value
 
     # ---------------------------------------------------------------- misc
 

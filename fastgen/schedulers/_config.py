@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from torch import Tensor
 
-from .._config import FrozenConfig, _jsonable, register_to_config  # noqa: F401  (re-exported)
+from .._config import MISSING, FrozenConfig, _jsonable, deprecated_config_attribute, register_to_config  # noqa: F401
 
 CONFIG_NAME = "scheduler_config.json"
 
@@ -63,18 +63,10 @@ class ConfigMixin:
         self._register(**{k: _jsonable(v) for k, v in kwargs.items()})
 
     def __getattr__(self, name: str):
-        # diffusers still resolves config keys as scheduler attributes, with a FutureWarning; so do we
-        config = self.__dict__.get("_config")
-        if config is not None and name in config and not name.startswith("_"):
-            warnings.warn(
-                f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute is "
-                f"deprecated. Please access '{name}' over '{type(self).__name__}'s config object instead, e.g. "
-                f"'scheduler.config.{name}'.",
-                FutureWarning,
-                stacklevel=2,
-            )
-            return config[name]
-        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        value = deprecated_config_attribute(self, name, "scheduler")
+        if value is MISSING:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return value
 
     @classmethod
     def config_keys(cls) -> list[str]:
