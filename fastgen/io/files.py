@@ -221,18 +221,24 @@ def load_state_dict(
     return _read_file(path)
 
 
-def read_config(folder: str) -> dict:
-    file = os.path.join(folder, CONFIG_NAME)
+def read_json_object(file: str, *, missing: str, invalid: str = "not valid JSON") -> dict:
+    """A JSON object file (a config, a pipeline's model_index.json): ``CheckpointNotFoundError(missing)`` when
+    it is absent, ``CheckpointError`` naming the file when it is not a JSON object."""
     if not os.path.isfile(file):
-        raise CheckpointNotFoundError(f"no {CONFIG_NAME} in {folder!r}")
+        raise CheckpointNotFoundError(missing)
     try:
         with open(file, encoding="utf-8") as f:
-            config = json.load(f)
+            obj = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not a valid JSON config ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: holds a {type(config).__name__}, not a JSON object")
-    return config
+        raise CheckpointError(f"{file}: {invalid} ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: holds a {type(obj).__name__}, not a JSON object")
+    return obj
+
+
+def read_config(folder: str) -> dict:
+    return read_json_object(os.path.join(folder, CONFIG_NAME), missing=f"no {CONFIG_NAME} in {folder!r}",
+                            invalid="not a valid JSON config")
 
 
 # ----------------------------------------------------------------------------------------- loading

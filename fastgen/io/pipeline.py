@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from typing import Iterable, Optional
 
 import torch
 
-from .files import CheckpointError, CheckpointNotFoundError, PathLike, local_folder
+from .files import CheckpointError, CheckpointNotFoundError, PathLike, local_folder, read_json_object
 
 MODEL_INDEX = "model_index.json"
 
@@ -64,15 +63,8 @@ def load_pipeline(folder: PathLike, *, torch_dtype=None, skip: Iterable[str] = (
     ``skip`` are not loaded: their folder paths are returned and listed in ``.skipped``."""
     folder = local_folder(folder)
     index_file = os.path.join(folder, MODEL_INDEX)
-    if not os.path.isfile(index_file):
-        raise CheckpointNotFoundError(f"no {MODEL_INDEX} in {folder!r}: not a diffusers pipeline folder")
-    try:
-        with open(index_file, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index_file}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(index, dict):
-        raise CheckpointError(f"{index_file}: holds a {type(index).__name__}, not a JSON object")
+    index = read_json_object(index_file,
+                             missing=f"no {MODEL_INDEX} in {folder!r}: not a diffusers pipeline folder")
     skip = set(skip)
     config = {k: v for k, v in index.items() if not k.startswith("_") and not _is_component(v)}
     out = LoadedPipeline(folder, index.get("_class_name"), config)
