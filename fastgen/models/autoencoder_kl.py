@@ -452,19 +452,23 @@ class AutoencoderKL(ModelMixin):
         blend = int(latent_tile * f)
         return _tiled(x, tile, int(tile * (1 - f)), blend, latent_tile - blend, fn)
 
+    def _sliced(self, x: Tensor, upcast: Optional[bool], make_fn, run) -> Tensor:
+        """``run(x, make_fn(fp32))`` under the upcast rule, one sample at a time when slicing; an upcast result
+        is rounded once to x's dtype."""
+        fp32 = self._upcasts(upcast)
+        with self._fp32_context(fp32, x):
+            fn = make_fn(fp32)
+            if self.use_slicing and x.shape[0] > 1:
+                out = torch.cat([run(s, fn) for s in x.split(1)])
+            else:
+                out = run(x, fn)
+        return out.to(x.dtype) if fp32 else out
+
     def encode(self, x: Tensor, return_dict: bool = True, *, upcast: Optional[bool] = None):
         """Images (B, in_channels, H, W) -> ``AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution)``
         (``(posterior,)`` with ``return_dict=False``). Tiled and sliced as set (module docstring)."""
         self._check(x, self.config.in_channels, "encode", "x", "image")
-        fp32 = self._upcasts(upcast)
-        with self._fp32_context(fp32, x):
-            fn = self._encoder_fn(fp32)
-            if self.use_slicing and x.shape[0] > 1:
-                moments = torch.cat([self._encode(s, fn) for s in x.split(1)])
-            else:
-                moments = self._encode(x, fn)
-        if fp32:
-            moments = moments.to(x.dtype)
+        moments = self._sliced(x, upcast, self._encoder_fn, self._encode)
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -495,15 +499,7 @@ class AutoencoderKL(ModelMixin):
         ``return_dict=False``). ``generator`` is accepted for diffusers' signature and unused (as there):
         decoding draws no noise. ``upcast``: see the module docstring."""
         self._check(z, self.config.latent_channels, "decode", "z", "latent")
-        fp32 = self._upcasts(upcast)
-        with self._fp32_context(fp32, z):
-            fn = self._decoder_fn(fp32)
-            if self.use_slicing and z.shape[0] > 1:
-                dec = torch.cat([self._decode(s, fn) for s in z.split(1)])
-            else:
-                dec = self._decode(z, fn)
-        if fp32:
-            dec = dec.to(z.dtype)
+        dec = self._sliced(z, upcast, self._decoder_fn, self._decode)
         return SampleOutput(sample=dec) if return_dict else (dec,)
 
     def tiled_decode(self, z: Tensor, return_dict: bool = True):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ._modeling import checkpointed, refuse, refuse_unless
+from ._modeling import SampleOutput, checkpointed, refuse, refuse_unless
 from .activations import FeedForward
 from .blocks import Attention, GroupNorm
 
@@ -230,6 +230,4 @@ class Transformer2DModel(torch.nn.Module):
         out = residual + h
         if not return_dict:
             return (out,)
-        from ._modeling import SampleOutput
-
         return SampleOutput(sample=out)

@@ -80,6 +80,15 @@ def _transformer(channels: int, num_heads: int, layers: int, c: dict, groups: in
     )
 
 
+def _cross_attend(attn: Transformer2DModel, h: Tensor, context, attention_mask, cross_attention_kwargs,
+                  encoder_attention_mask) -> Tensor:
+    """One spatial transformer of a cross-attention block, as diffusers' down, mid and up blocks call it."""
+    return attn(
+        h, encoder_hidden_states=context, cross_attention_kwargs=cross_attention_kwargs,
+        attention_mask=attention_mask, encoder_attention_mask=encoder_attention_mask, return_dict=False,
+    )[0]
+
+
 def _check_cross_options(owner: str, c: dict) -> None:
     if c.get("dual_cross_attention", False):
         refuse(owner, "dual_cross_attention", True, False)
@@ -179,11 +188,8 @@ class CrossAttnDownBlock2D(_DownBase):
         blocks = list(zip(self.resnets, self.attentions))
         for i, (resnet, attn) in enumerate(blocks):
             hidden_states = checkpointed(self, resnet, hidden_states, temb)
-            hidden_states = attn(
-                hidden_states, encoder_hidden_states=encoder_hidden_states,
-                cross_attention_kwargs=cross_attention_kwargs, attention_mask=attention_mask,
-                encoder_attention_mask=encoder_attention_mask, return_dict=False,
-            )[0]
+            hidden_states = _cross_attend(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                          cross_attention_kwargs, encoder_attention_mask)
             if i == len(blocks) - 1 and additional_residuals is not None:
                 hidden_states = hidden_states + additional_residuals
             states = states + (hidden_states,)
@@ -273,11 +279,8 @@ class UNetMidBlock2DCrossAttn(torch.nn.Module):
                 encoder_attention_mask: Optional[Tensor] = None) -> Tensor:
         hidden_states = self.resnets[0](hidden_states, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = attn(
-                hidden_states, encoder_hidden_states=encoder_hidden_states,
-                cross_attention_kwargs=cross_attention_kwargs, attention_mask=attention_mask,
-                encoder_attention_mask=encoder_attention_mask, return_dict=False,
-            )[0]
+            hidden_states = _cross_attend(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                          cross_attention_kwargs, encoder_attention_mask)
             hidden_states = checkpointed(self, resnet, hidden_states, temb)
         return hidden_states
 
@@ -377,11 +380,8 @@ class CrossAttnUpBlock2D(_UpBase):
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states, res_hidden_states_tuple = _cat_skip(hidden_states, res_hidden_states_tuple)
             hidden_states = checkpointed(self, resnet, hidden_states, temb)
-            hidden_states = attn(
-                hidden_states, encoder_hidden_states=encoder_hidden_states,
-                cross_attention_kwargs=cross_attention_kwargs, attention_mask=attention_mask,
-                encoder_attention_mask=encoder_attention_mask, return_dict=False,
-            )[0]
+            hidden_states = _cross_attend(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                          cross_attention_kwargs, encoder_attention_mask)
         return self._upsample(hidden_states, upsample_size)
 
 
