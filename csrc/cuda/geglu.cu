@@ -187,16 +187,6 @@ Launch launch_shape(int64_t M, int64_t groups) {
           dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by))};
 }
 
-template <typename F>
-void dispatch_dtype(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, kName, ": expected float32, float16 or bfloat16, got ", dt);
-  }
-}
-
 }  // namespace
 
 at::Tensor geglu_fwd_cuda(const at::Tensor& x_in, bool approximate_tanh) {
@@ -208,7 +198,7 @@ at::Tensor geglu_fwd_cuda(const at::Tensor& x_in, bool approximate_tanh) {
   const int64_t H = x.size(-1) / 2;
   const int64_t M = out.numel() / H;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch_float_dtype(kName, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = 16 / sizeof(T);
     const T* xp = static_cast<const T*>(x.const_data_ptr());
@@ -240,7 +230,7 @@ at::Tensor geglu_bwd_cuda(const at::Tensor& dout_in, const at::Tensor& x_in,
   const int64_t H = x.size(-1) / 2;
   const int64_t M = dout.numel() / H;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch_float_dtype(kName, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = 16 / sizeof(T);
     const T* dp = static_cast<const T*>(dout.const_data_ptr());

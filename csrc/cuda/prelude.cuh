@@ -24,3 +24,19 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+namespace fastgen {
+
+// Calls f with a value of the CUDA element type of a float32 / float16 / bfloat16 tensor dtype (the kernels'
+// template argument); any other dtype is a RuntimeError naming the op.
+template <typename F>
+void dispatch_float_dtype(const char* op_name, at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, op_name, ": expected float32, float16 or bfloat16, got ", dt);
+  }
+}
+
+}  // namespace fastgen

@@ -94,16 +94,6 @@ unsigned blocks_for(int64_t total) {
   return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-template <typename F>
-void dispatch_dtype(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, kName, ": expected float32, float16 or bfloat16, got ", dt);
-  }
-}
-
 }  // namespace
 
 at::Tensor vae_postprocess_fwd_cuda(const at::Tensor& x, bool to_uint8) {
@@ -117,7 +107,7 @@ at::Tensor vae_postprocess_fwd_cuda(const at::Tensor& x, bool to_uint8) {
   const bool transpose = to_uint8 && x.is_contiguous() && C > 1 && P > 1;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned blocks = blocks_for(total);
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch_float_dtype(kName, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x.const_data_ptr());
     void* op = out.mutable_data_ptr();
@@ -137,7 +127,7 @@ at::Tensor vae_postprocess_bwd_cuda(const at::Tensor& dy, const at::Tensor& x) {
   const int64_t total = x.numel();
   if (total == 0) return dx;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch_float_dtype(kName, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     vae_postprocess_bwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
         static_cast<const T*>(x.const_data_ptr()), static_cast<const T*>(dy.const_data_ptr()),
