@@ -72,13 +72,17 @@ class Op:
         self.custom_op.register_fake(_drop_backend(fake or reference))
         self.backward_op = None
         self.eager_autograd = None
-        if reference_backward is None:
+        if grads is None:
             return
-        self.backward_op = torch.library.custom_op(
-            f"fastgen::{name}_backward", self._backward_impl, mutates_args=(),
-            schema=_schema_with_backend(reference_backward),
-        )
-        self.backward_op.register_fake(_drop_backend(backward_fake or reference_backward))
+        # Without a backward kernel, ``grads`` is written in differentiable torch ops (conv2d's calls aten's
+        # convolution_backward), so the backward may be differentiated again (R1 penalties, double backward).
+        differentiable = reference_backward is None
+        if not differentiable:
+            self.backward_op = torch.library.custom_op(
+                f"fastgen::{name}_backward", self._backward_impl, mutates_args=(),
+                schema=_schema_with_backend(reference_backward),
+            )
+            self.backward_op.register_fake(_drop_backend(backward_fake or reference_backward))
 
         def setup_context(ctx, inputs, output):
             ctx.backend = inputs[-1]
@@ -99,9 +103,11 @@ class Op:
                 setup_context(ctx, inputs, output)
 
             @staticmethod
-            @once_differentiable  # the backward kernels have no backward of their own
             def backward(ctx, *grad_outputs):
                 return backward(ctx, *grad_outputs)
+
+        if not differentiable:  # the backward kernels have no backward of their own
+            _EagerAutograd.backward = staticmethod(once_differentiable(backward))
 
         _EagerAutograd.__name__ = _EagerAutograd.__qualname__ = f"{name}_eager_autograd"
         self.eager_autograd = _EagerAutograd
@@ -188,7 +194,9 @@ def declare_op(
     Args:
         reference: plain PyTorch forward, annotated; its signature and outputs are the contract every
             backend's kernel implements (the ``torch`` backend runs it).
-        reference_backward: the same for the backward kernel, or None for a forward-only op.
+        reference_backward: the same for the backward kernel; None for a forward-only op (no ``grads``) or
+            for one whose ``grads`` is written in differentiable torch ops (then it has no backward custom
+            op and its backward can be differentiated again).
         kernels / backward_kernels: the native entry point's name (``"group_norm_fwd"`` resolves to
             ``fastgen.kernels.group_norm.group_norm_fwd`` for Triton and ``fastgen._C.group_norm_fwd_cpu`` /
             ``_cuda``), or a function from backend name to the callable, for ops whose backends differ.
@@ -198,8 +206,8 @@ def declare_op(
             ``op.backward(ctx, *backward_args)`` for the backward kernel.
         backends: the backends that implement the op.
     """
-    if (reference_backward is None) != (grads is None) or (grads is None) != (save is None):
-        raise TypeError(f"declare_op({name!r}): reference_backward, save and grads go together")
+    if (grads is None) != (save is None) or (reference_backward is not None and grads is None):
+        raise TypeError(f"declare_op({name!r}): save and grads go together, and reference_backward needs them")
     factory = _native(name, kernels) if isinstance(kernels, str) else kernels
     backward_factory = _native(name, backward_kernels) if isinstance(backward_kernels, str) else backward_kernels
     return Op(name, reference=reference, reference_backward=reference_backward, kernels=factory,
