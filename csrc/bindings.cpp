@@ -84,6 +84,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("geglu_bwd_cpu", &fastgen::geglu_bwd_cpu);
   m.def("vae_postprocess_fwd_cpu", &fastgen::vae_postprocess_fwd_cpu);
   m.def("vae_postprocess_bwd_cpu", &fastgen::vae_postprocess_bwd_cpu);
+  m.def("conv2d_fwd_cpu", &fastgen::conv2d_fwd_cpu);
 #ifdef FASTGEN_WITH_CUDA
   m.def("group_norm_fwd_cuda", &fastgen::group_norm_fwd_cuda);
   m.def("group_norm_bwd_cuda", &fastgen::group_norm_bwd_cuda);
@@ -93,5 +94,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("geglu_bwd_cuda", &fastgen::geglu_bwd_cuda);
   m.def("vae_postprocess_fwd_cuda", &fastgen::vae_postprocess_fwd_cuda);
   m.def("vae_postprocess_bwd_cuda", &fastgen::vae_postprocess_bwd_cuda);
+  m.def("conv2d_fwd_cuda", &fastgen::conv2d_fwd_cuda);
 #endif
 }

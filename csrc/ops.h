@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace fastgen {
@@ -128,6 +129,29 @@ at::Tensor vae_postprocess_bwd_cpu(const at::Tensor& dy, const at::Tensor& x);
 // Same contracts as the CPU entry points, for CUDA tensors.
 at::Tensor vae_postprocess_fwd_cuda(const at::Tensor& x, bool to_uint8);
 at::Tensor vae_postprocess_bwd_cuda(const at::Tensor& dy, const at::Tensor& x);
+#endif
+
+// conv2d with a fused epilogue (fastgen/ops/conv2d.py: _reference_fwd is the
+// contract): out = (conv(x, weight) + bias + residual) * output_scale.
+// x: (N, C, H, W) contiguous or channels-last dense; weight (K, C, R, S)
+// contiguous in x's dtype; bias fp32 (K,); residual: the output's shape,
+// dtype and strides. packed / algo: the CPU path and its transformed weight
+// (fastgen/ops/_conv2d_cpu_choice.py); the CUDA kernel ignores them. Returns
+// (N, K, Ho, Wo) in x's dtype, contiguous if x is, else channels-last.
+at::Tensor conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual,
+                          const std::optional<at::Tensor>& packed, int64_t stride_h,
+                          int64_t stride_w, int64_t pad_t, int64_t pad_b, int64_t pad_l,
+                          int64_t pad_r, double output_scale, const std::string& algo);
+#ifdef FASTGEN_WITH_CUDA
+// Same contract as conv2d_fwd_cpu, for CUDA tensors (packed / algo ignored).
+at::Tensor conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& residual,
+                           const std::optional<at::Tensor>& packed, int64_t stride_h,
+                           int64_t stride_w, int64_t pad_t, int64_t pad_b, int64_t pad_l,
+                           int64_t pad_r, double output_scale, const std::string& algo);
 #endif
 
 }  // namespace fastgen

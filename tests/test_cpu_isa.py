@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastgen.ops._conv2d_cpu_choice import pack_weight
 from helpers import python
 
 C = pytest.importorskip("fastgen._C", reason="the C++ extension is not built")
@@ -507,3 +508,26 @@ def test_automatic_choice_takes_eager_where_the_variant_is_slower():
     assert run_under("portable", vae) == {torch.float32: "cpu", torch.float16: "torch", torch.bfloat16: "torch"}
     if best != "portable":
         assert set(vae().values()) == {"cpu"}
+
+
+# ----------------------------------------------------------------- conv2d
+
+
+@pytest.mark.parametrize("algo", ["winograd4", "winograd2", "direct_fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_conv2d_variants_agree(algo, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 19, 9, 10, generator=g).to(dtype)
+    w = (torch.randn(13, 19, 3, 3, generator=g) / 13).to(dtype)
+    b = torch.randn(13, generator=g)
+    res = torch.randn(2, 13, 9, 10, generator=g).to(dtype)
+    packed = pack_weight(w, algo) if algo.startswith("winograd") else None
+
+    def run():
+        outs = []
+        for xi, ri in ((x, res), (x.to(memory_format=torch.channels_last), res.to(memory_format=torch.channels_last))):
+            outs.append(C.conv2d_fwd_cpu(xi, w, b, ri, packed, 1, 1, 1, 1, 1, 1, 0.5, algo))
+        return outs
+
+    results = per_variant(run)
+    assert_variants_agree(results, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-2)

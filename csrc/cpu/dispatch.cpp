@@ -176,16 +176,17 @@ std::string set_isa(const std::string& name) {
 
 bool kernel_is_fast(const std::string& op, const std::string& dtype) {
   if (op != "geglu" && op != "group_norm" && op != "attention" && op != "sampling_step" &&
-      op != "vae_postprocess")
+      op != "vae_postprocess" && op != "conv2d")
     throw std::invalid_argument("unknown op '" + op +
-                                "'; use geglu, group_norm, attention, sampling_step or vae_postprocess");
+                                "'; use geglu, group_norm, attention, sampling_step, vae_postprocess or conv2d");
   if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16")
     throw std::invalid_argument("unknown dtype '" + dtype + "'; use float32, float16 or bfloat16");
   if (current_index() == kPortable) {
     // The portable vae_postprocess converts fp16 in software (0.1-0.2x eager's float output) and its
     // bf16 float output is 0.6-0.9x eager; fp32 is 2.5-2.7x (float) and 4.6-6.5x (uint8).
     if (op == "vae_postprocess") return dtype == "float32";
-    return op == "sampling_step";
+    // conv2d's time is in BLAS GEMMs and oneDNN, which pick their own ISA; its transforms are a small part.
+    return op == "sampling_step" || op == "conv2d";
   }
   return true;
 }

@@ -4,6 +4,7 @@ call to the Triton / CUDA / C++ CPU kernels or the reference and registers the t
 See docs/design.md."""
 
 from .attention import attention, attention_reference
+from .conv2d import conv2d, conv2d_reference, release_packed_weights
 from .geglu import geglu, geglu_reference
 from .group_norm import group_norm, group_norm_reference
 from .sampling import StepUpdate, X0From, q_sample, sampling_step, v_target
@@ -15,11 +16,14 @@ __all__ = [
     "X0From",
     "attention",
     "attention_reference",
+    "conv2d",
+    "conv2d_reference",
     "geglu",
     "geglu_reference",
     "group_norm",
     "group_norm_reference",
     "q_sample",
+    "release_packed_weights",
     "sampling_step",
     "timestep_embedding",
     "v_target",

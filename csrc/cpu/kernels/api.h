@@ -108,6 +108,48 @@ struct VaePostprocessArgs {
   Parallel par;
 };
 
+// ----------------------------------------------------------------- conv2d
+// Winograd F(m x m, 3 x 3) for a 3x3 stride-1 convolution, m = 2 or 4 (tile
+// side A = m + 2). x, residual and out are (N, C|K, H, W) channels-first or
+// channels-last (one flag for all three). The tiles of output rows
+// [row_begin, row_end) of the flattened (N, TH) tile-row index, TW tiles a
+// row, form one chunk of T = (row_end - row_begin) * TW tiles:
+//   input:  V (A*A, T, C) fp32, the transformed input tiles;
+//   output: out = (A^T M A + bias + residual) * scale from M (A*A, T, K) fp32,
+//           the Winograd-domain products V[e] @ U[e] the entry point computed.
+struct ConvWinogradArgs {
+  Dtype dtype;
+  int m;
+  int64_t N, C, H, W, K, Ho, Wo;
+  int64_t pad_t, pad_l;
+  int64_t TH, TW;
+  bool channels_last;
+  const void* x;
+  const float* bias;     // (K,) or nullptr
+  const void* residual;  // out's dtype and layout, or nullptr
+  float scale;
+  void* out;
+  int64_t row_begin, row_end;
+  float* V;
+  const float* M;
+  Parallel par;
+};
+
+// In place or converting: out = (y + bias[k] + residual) * scale, with y fp32
+// and out / residual of `dtype`, all (N, K, P) (channels-first) or (N, P, K).
+// y and out may alias when dtype is fp32.
+struct ConvEpilogueArgs {
+  Dtype dtype;
+  int64_t N, K, P;
+  bool channels_last;
+  const float* y;
+  const float* bias;     // (K,) or nullptr
+  const void* residual;  // or nullptr
+  float scale;
+  void* out;
+  Parallel par;
+};
+
 // One ISA variant's kernels. Every entry may assume its ISA is present.
 struct KernelTable {
   const char* name;
@@ -120,6 +162,9 @@ struct KernelTable {
   void (*attention_bwd)(const AttentionArgs&);
   void (*vae_postprocess_fwd)(const VaePostprocessArgs&);
   void (*vae_postprocess_bwd)(const VaePostprocessArgs&);
+  void (*conv2d_winograd_input)(const ConvWinogradArgs&);
+  void (*conv2d_winograd_output)(const ConvWinogradArgs&);
+  void (*conv2d_epilogue)(const ConvEpilogueArgs&);
 };
 
 // The variants, lowest first. Each one that was built defines its table in

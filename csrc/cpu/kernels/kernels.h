@@ -13,6 +13,9 @@ void group_norm_fwd(const GroupNormArgs& a);
 void group_norm_bwd(const GroupNormArgs& a);
 void vae_postprocess_fwd(const VaePostprocessArgs& a);
 void vae_postprocess_bwd(const VaePostprocessArgs& a);
+void conv2d_winograd_input(const ConvWinogradArgs& a);
+void conv2d_winograd_output(const ConvWinogradArgs& a);
+void conv2d_epilogue(const ConvEpilogueArgs& a);
 namespace cpu_attn {
 void attention_fwd(const AttentionArgs& a);
 void attention_bwd(const AttentionArgs& a);

@@ -18,6 +18,9 @@ const KernelTable kTable = {
     &cpu_attn::attention_bwd,
     &vae_postprocess_fwd,
     &vae_postprocess_bwd,
+    &conv2d_winograd_input,
+    &conv2d_winograd_output,
+    &conv2d_epilogue,
 };
 
 FG_ISA_END
