@@ -33,21 +33,6 @@ constexpr const char* kName = "fastgen vae_postprocess (cuda)";
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535LL * 8;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // clamp(x * 0.5 + 0.5, 0, 1) with NaN passed through, as torch.clamp.
 __device__ __forceinline__ float denorm(float x) {
   const float u = fmaf(x, 0.5f, 0.5f);
