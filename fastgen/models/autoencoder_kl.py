@@ -68,7 +68,7 @@ from .._config import register_to_config
 from ..schedulers.noise import randn_tensor
 from ._modeling import ModelMixin, ModelOutput, SampleOutput, checkpointed, refuse, refuse_unless
 from .activations import get_activation
-from .blocks import GroupNorm
+from .blocks import Conv2d, GroupNorm
 from .unet_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
 __all__ = [
@@ -122,7 +122,7 @@ class Encoder(torch.nn.Module):
         _check_blocks("Encoder", down_block_types, block_out_channels, "down_block_types")
         get_activation(act_fn)  # an unknown name raises here, by name
         self.layers_per_block = layers_per_block
-        self.conv_in = torch.nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=1, padding=1)
         self.down_blocks = torch.nn.ModuleList()
         channels = block_out_channels[0]
         for i, block_type in enumerate(down_block_types):
@@ -140,7 +140,7 @@ class Encoder(torch.nn.Module):
             resnet_groups=norm_num_groups, add_attention=mid_block_add_attention,
         )
         self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[-1], eps=1e-6, activation="silu")
-        self.conv_out = torch.nn.Conv2d(
+        self.conv_out = Conv2d(
             block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3, padding=1
         )
         self.gradient_checkpointing = False
@@ -177,7 +177,7 @@ class Decoder(torch.nn.Module):
         _check_blocks("Decoder", up_block_types, block_out_channels, "up_block_types")
         get_activation(act_fn)
         self.layers_per_block = layers_per_block
-        self.conv_in = torch.nn.Conv2d(in_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(in_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
         # Without a SpatialNorm there is no time embedding, and diffusers' "group" time-scale-shift of the
         # up blocks' ResNets is then its "default": the same computation.
         self.mid_block = UNetMidBlock2D(
@@ -198,7 +198,7 @@ class Decoder(torch.nn.Module):
                 )
             )
         self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], eps=1e-6, activation="silu")
-        self.conv_out = torch.nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_out_channels[0], out_channels, 3, padding=1)
         self.gradient_checkpointing = False
 
     def forward(self, sample: Tensor, latent_embeds: Optional[Tensor] = None) -> Tensor:
@@ -355,8 +355,8 @@ class AutoencoderKL(ModelMixin):
             block_out_channels=block_out_channels, layers_per_block=layers_per_block,
             norm_num_groups=norm_num_groups, act_fn=act_fn, mid_block_add_attention=mid_block_add_attention,
         )
-        self.quant_conv = torch.nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
-        self.post_quant_conv = torch.nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
         self.use_slicing = False
         self._use_tiling: Optional[bool] = None  # None: never set, the automatic rule applies

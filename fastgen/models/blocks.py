@@ -10,9 +10,34 @@ from torch import Tensor
 
 from .. import _backend
 from ..ops import group_norm
+from ..ops.conv2d import conv2d
 from ..ops._checks import check_dtype, check_same_device, check_tensor
 from ..ops.attention import HEAD_DIMS as ATTENTION_HEAD_DIMS
 from ..ops.attention import attention
+
+
+class Conv2d(torch.nn.Conv2d):
+    """Drop-in for :class:`torch.nn.Conv2d` on fastgen's fused convolution (:func:`fastgen.ops.conv2d`).
+
+    Same constructor, parameters and state-dict names (``weight``, ``bias``). ``forward(x, residual,
+    output_scale, padding)`` fuses what follows a diffusers ResNet block's ``conv2`` (``(shortcut + h) *
+    output_scale``) and lets a caller pass asymmetric padding (the VAE's stride-2 ``Downsample2D``). Groups,
+    dilation and non-zero padding modes run :class:`torch.nn.Conv2d`'s own forward and the epilogue eagerly.
+    """
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, output_scale: float = 1.0,
+                padding=None) -> Tensor:
+        plain = self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
+        if plain:
+            return conv2d(x, self.weight, self.bias, stride=self.stride,
+                          padding=self.padding if padding is None else padding,
+                          residual=residual, output_scale=output_scale)
+        if padding is not None:
+            x = F.pad(x, padding)
+        y = super().forward(x)
+        if residual is not None:
+            y = y + residual
+        return y * output_scale if output_scale != 1.0 else y
 
 
 class GroupNorm(torch.nn.GroupNorm):

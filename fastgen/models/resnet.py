@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._modeling import refuse, refuse_unless
 from .activations import SILU_NAMES, get_activation
-from .blocks import GroupNorm
+from .blocks import Conv2d, GroupNorm
 
 
 def norm_act(num_groups: int, channels: int, eps: float, act_fn: str) -> tuple[GroupNorm, Optional[torch.nn.Module]]:
@@ -78,7 +78,7 @@ class ResnetBlock2D(torch.nn.Module):
         self.skip_time_act = skip_time_act
 
         self.norm1, self._act1 = norm_act(groups, in_channels, eps, non_linearity)
-        self.conv1 = torch.nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels is not None:
             proj_out = out_channels * 2 if time_embedding_norm == "scale_shift" else out_channels
             self.time_emb_proj = torch.nn.Linear(temb_channels, proj_out)
@@ -91,12 +91,12 @@ class ResnetBlock2D(torch.nn.Module):
         else:
             self.norm2, self._act2 = norm_act(groups_out, out_channels, eps, non_linearity)
         self.dropout = torch.nn.Dropout(dropout)
-        self.conv2 = torch.nn.Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, stride=1, padding=1)
         self.nonlinearity = get_activation(non_linearity)
         self.use_in_shortcut = in_channels != conv_2d_out_channels if use_in_shortcut is None else use_in_shortcut
         if self.use_in_shortcut:
             k = 3 if conv_shortcut else 1
-            self.conv_shortcut = torch.nn.Conv2d(
+            self.conv_shortcut = Conv2d(
                 in_channels, conv_2d_out_channels, kernel_size=k, stride=1, padding=k // 2, bias=conv_shortcut_bias
             )
         else:
@@ -122,11 +122,10 @@ class ResnetBlock2D(torch.nn.Module):
             h = self.norm2(h)
             h = self._act2(h * (1 + scale) + shift)
         h = self.dropout(h)
-        h = self.conv2(h)
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-        out = input_tensor + h
-        return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
+        # (shortcut + conv2(h)) / output_scale_factor in conv2's epilogue: one pass instead of three.
+        return self.conv2(h, residual=input_tensor, output_scale=1.0 / self.output_scale_factor)
 
 
 class Downsample2D(torch.nn.Module):
@@ -157,7 +156,7 @@ class Downsample2D(torch.nn.Module):
         self.padding = padding
         self.name = name
         if use_conv:
-            self.conv = torch.nn.Conv2d(channels, self.out_channels, kernel_size, stride=2, padding=padding, bias=bias)
+            self.conv = Conv2d(channels, self.out_channels, kernel_size, stride=2, padding=padding, bias=bias)
         else:
             if self.out_channels != channels:
                 raise ValueError("Downsample2D: average pooling keeps the channels (out_channels must equal channels)")
@@ -165,7 +164,8 @@ class Downsample2D(torch.nn.Module):
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         if self.use_conv and self.padding == 0:
-            hidden_states = F.pad(hidden_states, (0, 1, 0, 1), mode="constant", value=0)
+            # diffusers' F.pad(x, (0, 1, 0, 1)) folded into the convolution's padding: no padded copy of x.
+            return self.conv(hidden_states, padding=(0, 1, 0, 1))
         return self.conv(hidden_states)
 
 
@@ -203,7 +203,7 @@ class Upsample2D(torch.nn.Module):
         self.interpolate = interpolate
         if use_conv:
             k = kernel_size or 3
-            self.conv = torch.nn.Conv2d(channels, self.out_channels, kernel_size=k, padding=padding, bias=bias)
+            self.conv = Conv2d(channels, self.out_channels, kernel_size=k, padding=padding, bias=bias)
         else:
             self.conv = None
 

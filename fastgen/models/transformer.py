@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _backend
 from ._modeling import SampleOutput, checkpointed, refuse, refuse_unless
 from .activations import FeedForward
-from .blocks import Attention, GroupNorm
+from .blocks import Attention, Conv2d, GroupNorm
 
 
 def check_cross_attention_kwargs(kwargs: Optional[dict]) -> None:
@@ -165,7 +165,7 @@ class Transformer2DModel(torch.nn.Module):
         if use_linear_projection:
             self.proj_in = torch.nn.Linear(in_channels, inner_dim)
         else:
-            self.proj_in = torch.nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
+            self.proj_in = Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
         self.transformer_blocks = torch.nn.ModuleList(
             [
                 BasicTransformerBlock(
@@ -182,7 +182,7 @@ class Transformer2DModel(torch.nn.Module):
         if use_linear_projection:
             self.proj_out = torch.nn.Linear(inner_dim, self.out_channels)
         else:
-            self.proj_out = torch.nn.Conv2d(inner_dim, self.out_channels, kernel_size=1, stride=1, padding=0)
+            self.proj_out = Conv2d(inner_dim, self.out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(
         self,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._config import register_to_config
 from ._modeling import ModelMixin, SampleOutput, refuse_unless
-from .blocks import GroupNorm
+from .blocks import Conv2d, GroupNorm
 from .embeddings import TimestepEmbedding, Timesteps
 from .unet_2d_condition import check_sample
 from .unet_blocks import get_down_block, get_mid_block, get_up_block
@@ -86,7 +86,7 @@ class UNet2DModel(ModelMixin):
             raise ValueError(f"{owner}: time_embedding_type='learned' needs num_train_timesteps")
 
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
-        self.conv_in = torch.nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=(1, 1))
+        self.conv_in = Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=(1, 1))
         if time_embedding_type == "positional":
             self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
         else:
@@ -138,7 +138,7 @@ class UNet2DModel(ModelMixin):
         groups_out = norm_num_groups if norm_num_groups is not None else min(block_out_channels[0] // 4, 32)
         # diffusers' UNet2DModel always ends in GroupNorm + SiLU, whatever act_fn says: one fused call.
         self.conv_norm_out = GroupNorm(groups_out, block_out_channels[0], eps=norm_eps, activation="silu")
-        self.conv_out = torch.nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
 
     def forward(
         self,

@@ -23,7 +23,7 @@ from torch import Tensor
 from .._config import register_to_config
 from ._modeling import ModelMixin, SampleOutput, refuse, refuse_unless
 from .activations import SILU_NAMES, get_activation
-from .blocks import GroupNorm
+from .blocks import Conv2d, GroupNorm
 from .embeddings import TimestepEmbedding, Timesteps
 from .unet_blocks import get_down_block, get_mid_block, get_up_block
 
@@ -171,7 +171,7 @@ class UNet2DConditionModel(ModelMixin):
             )
 
         # ----------------------------------------------------------- embeddings
-        self.conv_in = torch.nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        self.conv_in = Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
         timestep_input_dim = block_out_channels[0]
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
@@ -268,7 +268,7 @@ class UNet2DConditionModel(ModelMixin):
             self.conv_act = None if fused else get_activation(act_fn)
         else:
             self.conv_norm_out = self.conv_act = None
-        self.conv_out = torch.nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
+        self.conv_out = Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
 
     # ------------------------------------------------------------------ forward
 
