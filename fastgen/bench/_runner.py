@@ -17,9 +17,11 @@ from torch.utils import benchmark as tbench
 from .._version import __version__
 from ..info import cpu_isa, cpu_name, gpu_peak_bandwidth_gbps
 
-# suite name -> module defining cases(device, quick)
+# suite name -> module defining cases(device, quick), and optionally summary_rows(rows) -> rows appended
+# after the suite's own (totals over its cases, e.g. the conv suite's time per model forward)
 SUITES = {
     "attention": "fastgen.bench.attention",
+    "conv": "fastgen.bench.conv",
     "geglu": "fastgen.bench.geglu",
     "group_norm": "fastgen.bench.group_norm",
     "models": "fastgen.bench.models",
@@ -120,12 +122,22 @@ def run_suites(
 
     min_run_time = min_run_time if min_run_time is not None else (0.05 if quick else 0.5)
     peak = gpu_peak_bandwidth_gbps(device.index or 0) if device.type == "cuda" else None
-    cases: list[Case] = []
+    suites = []
     for name in names:
         if name not in SUITES:
             raise ValueError(f"unknown benchmark suite {name!r}: expected one of {', '.join(SUITES)}")
-        cases += importlib.import_module(SUITES[name]).cases(device, quick)
-    return [run_case(c, min_run_time, peak) for c in tqdm(cases, desc="bench", disable=not progress, leave=False)]
+        module = importlib.import_module(SUITES[name])
+        suites.append((module, module.cases(device, quick)))
+    rows: list[dict] = []
+    with tqdm(total=sum(len(c) for _, c in suites), desc="bench", disable=not progress, leave=False) as bar:
+        for module, cases in suites:
+            suite_rows = []
+            for case in cases:
+                suite_rows.append(run_case(case, min_run_time, peak))
+                bar.update()
+            summarize = getattr(module, "summary_rows", None)
+            rows += suite_rows + (summarize(suite_rows) if summarize is not None and suite_rows else [])
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
