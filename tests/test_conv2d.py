@@ -116,6 +116,34 @@ def test_strides_and_paddings(padding, stride, channels_last):
     torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("algo", ["gemm", "direct", "direct_fp32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_one_by_one_paths(force_algo, algo, dtype, channels_last):
+    force_algo(algo)
+    x, wt, b = _inputs(2, 19, 23, 5, 7, r=1, dtype=dtype, channels_last=channels_last)
+    res = torch.randn(2, 23, 5, 7).to(dtype)
+    y = conv2d(x, wt, b, residual=res, output_scale=0.5, backend="cpu")
+    _same_layout(y, conv2d_reference(x, wt, b, residual=res, output_scale=0.5))
+    ref32 = (F.conv2d(x.float(), wt.float(), b) + res.float()) * 0.5
+    if dtype == torch.float32:
+        assert_fp32_conv_close(y, _ref64(x, wt, b, res, 0.5), ref32, algo)
+    else:
+        assert_lowp_close(y, ref32, (F.conv2d(x, wt, b.to(dtype)) + res) * 0.5, what=algo)
+
+
+def test_winograd_memory_switch(monkeypatch):
+    args = (2, 320, 320, 64, 64, 3, 3, 1, 1, (1, 1, 1, 1), torch.float32)
+    assert choice.choose(*args) == "winograd4"
+    monkeypatch.setenv(choice.WINOGRAD_ENV, "f2")
+    assert choice.choose(*args) == "winograd2"
+    monkeypatch.setenv(choice.WINOGRAD_ENV, "off")
+    assert choice.choose(*args) == "direct"
+    monkeypatch.setenv(choice.WINOGRAD_ENV, "fast")
+    with pytest.raises(ValueError, match="FASTGEN_CONV_WINOGRAD='fast'"):
+        choice.choose(*args)
+
+
 def test_one_by_one_and_non_contiguous_input():
     x, wt, b = _inputs(2, 30, 31, 6, 7, r=1)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # neither contiguous nor channels-last

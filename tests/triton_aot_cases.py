@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import attention as A  # noqa: E402
+from kernels import conv2d as CV  # noqa: E402
 from kernels import geglu as GG  # noqa: E402
 from kernels import group_norm as GN  # noqa: E402
 from kernels import sampling as SM  # noqa: E402
@@ -121,6 +122,19 @@ def cases():
               blocks_per_image=4096, BLOCK_P=256, BLOCK_C=4), 4, 2
         yield f"vae_bwd_{dt}", VP._vae_postprocess_bwd_kernel, dict(X=dt, DY=dt, DX=dt, total=3 * 1024 * 1024,
               BLOCK=1024), 4, 2
+    # conv2d: 3x3 stride 1 channels-last with every epilogue input, the VAE's stride-2 downsampler, a 1x1
+    for dt, cl, r, stride, bias, res, ieee in [
+        ("fp16", True, 3, 1, True, True, False),
+        ("bf16", False, 3, 2, True, False, False),
+        ("fp32", True, 1, 1, False, True, True),
+    ]:
+        tag = f"{dt}_{'cl' if cl else 'nchw'}_{r}x{r}s{stride}"
+        ho = 64 // stride
+        yield f"conv_{tag}", CV._conv2d_fwd_kernel, dict(
+            X=dt, W=dt, B="fp32", RES=dt, OUT=dt, M=2 * ho * ho, C=320, H=64, W_IN=64, K=320, HO=ho, WO=ho,
+            pad_t=r // 2, pad_l=r // 2, output_scale=0.7, R=r, S=r, STRIDE_H=stride, STRIDE_W=stride,
+            CHANNELS_LAST=cl, HAS_BIAS=bias, HAS_RES=res, IEEE_FP32=ieee, BLOCK_M=128, BLOCK_N=128,
+            BLOCK_K=64 if dt != "fp32" else 32), 8, 3
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """Which CPU path runs a conv2d, and the Winograd weight transform.
 
-Paths (csrc/cpu/conv2d.cpp): ``winograd4`` / ``winograd2`` (3x3 stride 1), ``direct`` (PyTorch's oneDNN
+Paths (csrc/cpu/conv2d.cpp): ``winograd4`` / ``winograd2`` (3x3 stride 1), ``gemm`` (1x1 stride 1, BLAS
+GEMMs over the pixels + the fused epilogue), ``direct`` (PyTorch's oneDNN
 convolution + the fused epilogue) and ``direct_fp32`` (the same computed in fp32 for an fp16 / bf16 x).
 The rule below comes from measurements of every SD1.5 U-Net and SD VAE conv shape (``fastgen bench conv``;
 numbers in docs/design.md).
@@ -8,10 +9,17 @@ numbers in docs/design.md).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+# The transformed weights cost 4x (F(4,3)) or 1.8x (F(2,3)) the fp32 weight (SD1.5's U-Net: 6.1 GB on top of
+# its 3.4 GB): FASTGEN_CONV_WINOGRAD=f2 caps that at F(2,3) (1.8x; ~25% slower convolutions at 16x16 and
+# up), =off runs oneDNN with no cache.
+WINOGRAD_ENV = "FASTGEN_CONV_WINOGRAD"
+WINOGRAD_CHOICES = ("auto", "f2", "off")
 
 # Winograd tiles: F(m x m, 3 x 3) with A = m + 2; B^T, G, A^T for interpolation points 0, +-1, +-2 (m = 4)
 # and 0, +-1 (m = 2) — Lavin & Gray 2016.
@@ -44,11 +52,25 @@ def _native_bf16() -> bool:
         return False
 
 
-def choose(n: int, c: int, k: int, h: int, w: int, r: int, s: int, sh: int, sw: int, dtype: torch.dtype) -> str:
+def choose(n: int, c: int, k: int, h: int, w: int, r: int, s: int, sh: int, sw: int, pads: tuple,
+           dtype: torch.dtype) -> str:
     """The CPU path for one conv2d call."""
-    direct = "direct" if dtype == torch.float32 or (dtype == torch.bfloat16 and _native_bf16()) else "direct_fp32"
+    native = dtype == torch.float32 or (dtype == torch.bfloat16 and _native_bf16())
+    direct = "direct" if native else "direct_fp32"
+    if (r, s, sh, sw) == (1, 1, 1, 1) and pads == (0, 0, 0, 0):
+        # Measured (AVX2, 2 threads, interleaved best-of-7): BLAS over the pixels beats oneDNN's 1x1 by
+        # 1.14-1.57x where the image is large and the channels few (320->320 @64x64, the VAE's 512->256
+        # @256 and 256->128 @512) and loses 2-23% elsewhere (640->320 @64, every shape at 32x32 and below).
+        if not native or (c <= 512 and h * w >= 64 * 64):
+            return "gemm"
+        return direct
     if (r, s) != (3, 3) or (sh, sw) != (1, 1) or min(c, k) < 16:
         return direct
-    if h * w <= 12 * 12:  # 8x8 latents: F(4,3) has too few tiles to pay for its 36 GEMMs
+    winograd = os.environ.get(WINOGRAD_ENV, "auto")
+    if winograd not in WINOGRAD_CHOICES:
+        raise ValueError(f"{WINOGRAD_ENV}={winograd!r}: expected one of {', '.join(WINOGRAD_CHOICES)}")
+    if winograd == "off":
+        return direct
+    if winograd == "f2" or h * w <= 12 * 12:  # 8x8 latents: F(4,3) has too few tiles to pay for its 36 GEMMs
         return "winograd2"
     return "winograd4"

@@ -37,7 +37,8 @@ from torch import Tensor
 
 from .. import _backend
 from ._checks import check_dtype, check_same_device, check_tensor
-from ._dispatch import declare_op
+from . import _conv2d_cpu_choice as _cpu_choice
+from ._dispatch import _tracing_mode, declare_op
 from ._layout import _same_strides, is_channels_last_dense, match_layout
 
 OP = "conv2d"
@@ -136,8 +137,6 @@ def _packed_weight(weight: Tensor, algo: str) -> Optional[Tensor]:
     ``.data`` (peft's ``merge``, diffusers' ``fuse_lora``) that the version counter does not see. A caller
     that changes single weight elements through ``.data`` calls :func:`release_packed_weights`.
     """
-    from ._conv2d_cpu_choice import pack_weight
-
     if not algo.startswith("winograd"):
         return None
     w = weight.detach()
@@ -150,7 +149,7 @@ def _packed_weight(weight: Tensor, algo: str) -> Optional[Tensor]:
             return hit[2]
     else:
         cache = {}
-    packed = pack_weight(w, algo)
+    packed = _cpu_choice.pack_weight(w, algo)
     cache = {a: v for a, v in cache.items() if v[0] == key and torch.equal(v[1], fingerprint)}
     cache[algo] = (key, fingerprint, packed)
     try:
@@ -267,19 +266,11 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride=1
         chosen = "torch"
     algo, packed = "", None
     if chosen == "cpu":
-        from ._conv2d_cpu_choice import choose, pack_weight
-
-        algo = choose(n, c, k, h, w_in, r, s, sh, sw, xk.dtype)
+        algo = _cpu_choice.choose(n, c, k, h, w_in, r, s, sh, sw, pads, xk.dtype)
         if algo.startswith("winograd"):
             # Traced (torch.compile): the transform becomes part of the graph instead of a cached tensor.
-            packed = pack_weight(wk, algo) if _tracing() else _packed_weight(weight, algo)
+            packed = _cpu_choice.pack_weight(wk, algo) if _tracing_mode() else _packed_weight(weight, algo)
     return _op(xk, wk, bk, residual, packed, sh, sw, *pads, float(output_scale), algo, chosen)
-
-
-def _tracing() -> bool:
-    from ._dispatch import _tracing_mode
-
-    return _tracing_mode()
 
 
 def _out_strides(x: Tensor, shape) -> tuple[int, ...]:
