@@ -40,18 +40,18 @@ void dispatch_float_dtype(const char* op_name, at::ScalarType dt, F&& f) {
 }
 
 // fp32 <-> the kernels' element types (fp32 math, one rounding to nearest even on the way out).
-inline __device__ __forceinline__ float to_float(float v) { return v; }
-inline __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-inline __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
-inline __device__ __forceinline__ T from_float(float v);
+__device__ __forceinline__ T from_float(float v);
 template <>
-inline __device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <>
-inline __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
-inline __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
