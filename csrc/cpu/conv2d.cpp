@@ -30,34 +30,30 @@ namespace {
 constexpr const char* kName = "fastgen conv2d (cpu)";
 constexpr int64_t kChunkBytes = 24LL << 20;
 
-at::MemoryFormat out_format(const at::Tensor& x) {
-  return x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-}
-
 std::vector<int64_t> layout_strides(at::IntArrayRef sizes, at::MemoryFormat fmt) {
   const int64_t C = sizes[1], H = sizes[2], W = sizes[3];
   if (fmt == at::MemoryFormat::Contiguous) return {C * H * W, H * W, W, 1};
   return {H * W * C, 1, W * C, C};
 }
 
-at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& residual, const at::Tensor& packed, int64_t pad_t,
-                    int64_t pad_b, int64_t pad_l, int64_t pad_r, double scale, int m) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(0);
-  TORCH_CHECK(weight.size(2) == 3 && weight.size(3) == 3, kName, ": Winograd needs a 3x3 kernel");
+// The paths take the geometry check_conv2d_fwd derived (csrc/conv2d_args.h): sizes, padding, output layout.
+at::Tensor winograd(const Conv2dGeometry& g, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& residual, const at::Tensor& packed, double scale, int m) {
+  const int64_t N = g.N, C = g.C, H = g.H, W = g.W, K = g.K, Ho = g.Ho, Wo = g.Wo;
+  TORCH_CHECK(g.R == 3 && g.S == 3 && g.stride_h == 1 && g.stride_w == 1, kName,
+              ": Winograd needs a 3x3 kernel at stride 1");
   const int64_t A = m + 2;
   TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
                   packed.size(0) == A * A && packed.size(1) == C && packed.size(2) == K,
               kName, ": the packed Winograd weight must be a contiguous float32 (", A * A, ", ", C, ", ", K,
               ") tensor (fastgen.ops._conv2d_cpu_choice.pack_weight), got ", packed.sizes());
-  const int64_t Ho = H + pad_t + pad_b - 2, Wo = W + pad_l + pad_r - 2;
-  at::Tensor out = at::empty({N, K, Ho, Wo}, x.options(), out_format(x));
+  at::Tensor out = at::empty({N, K, Ho, Wo}, x.options(), g.out_format());
 
   cpu::ConvWinogradArgs a{};
   a.dtype = cpu::to_dtype(x.scalar_type(), kName);
   a.m = m;
   a.N = N, a.C = C, a.H = H, a.W = W, a.K = K, a.Ho = Ho, a.Wo = Wo;
-  a.pad_t = pad_t, a.pad_l = pad_l;
+  a.pad_t = g.pad_t, a.pad_l = g.pad_l;
   a.TH = (Ho + m - 1) / m, a.TW = (Wo + m - 1) / m;
   a.channels_last = !x.is_contiguous();
   a.x = x.const_data_ptr();
@@ -102,24 +98,24 @@ void run_epilogue(const at::Tensor& y, const std::optional<at::Tensor>& bias,
   cpu::kernels().conv2d_epilogue(e);
 }
 
-at::Tensor direct(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& residual, int64_t stride_h, int64_t stride_w, int64_t pad_t,
-                  int64_t pad_b, int64_t pad_l, int64_t pad_r, double scale, bool in_fp32) {
+at::Tensor direct(const Conv2dGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double scale,
+                  bool in_fp32) {
   const bool fp32 = x.scalar_type() == at::kFloat || in_fp32;
-  const bool symmetric = pad_t == pad_b && pad_l == pad_r;
-  const at::MemoryFormat fmt = out_format(x);
+  const bool symmetric = g.symmetric_padding();
+  const at::MemoryFormat fmt = g.out_format();
   // oneDNN picks its output layout from x's and the weight's strides, including those of size-1 dims (a
   // 1x1 weight reads as channels-last, and so would x at 1x1 spatial): views with the canonical strides of
   // the contract's layout address the same memory and make it pick that layout.
   at::Tensor xv = x.as_strided(x.sizes(), layout_strides(x.sizes(), fmt));
-  at::Tensor xin = symmetric ? xv : at::constant_pad_nd(xv, {pad_l, pad_r, pad_t, pad_b}, 0.0);
+  at::Tensor xin = symmetric ? xv : at::constant_pad_nd(xv, {g.pad_l, g.pad_r, g.pad_t, g.pad_b}, 0.0);
   if (fp32 && xin.scalar_type() != at::kFloat) xin = xin.to(at::kFloat);  // keeps the memory format
   at::Tensor wv = weight.as_strided(weight.sizes(), layout_strides(weight.sizes(), at::MemoryFormat::Contiguous));
   at::Tensor w = fp32 ? wv.to(at::kFloat) : wv;
   // oneDNN fuses an fp32 bias for free; a low-precision convolution's bias is added (in fp32) afterwards.
   std::optional<at::Tensor> conv_bias = fp32 ? bias : std::nullopt;
-  std::vector<int64_t> pad = symmetric ? std::vector<int64_t>{pad_t, pad_l} : std::vector<int64_t>{0, 0};
-  at::Tensor y = at::convolution(xin, w, conv_bias, {stride_h, stride_w}, pad, {1, 1}, false, {0, 0}, 1);
+  std::vector<int64_t> pad = symmetric ? std::vector<int64_t>{g.pad_t, g.pad_l} : std::vector<int64_t>{0, 0};
+  at::Tensor y = at::convolution(xin, w, conv_bias, {g.stride_h, g.stride_w}, pad, {1, 1}, false, {0, 0}, 1);
   TORCH_CHECK(y.is_contiguous(fmt), kName, ": the convolution returned strides ", y.strides(),
               " for x's strides ", x.strides());
   const bool epilogue_bias = bias && !fp32;
@@ -132,13 +128,17 @@ at::Tensor direct(const at::Tensor& x, const at::Tensor& weight, const std::opti
 
 // A 1x1 stride-1 unpadded convolution is a GEMM over pixels: per image (K, C) @ (C, H*W) for NCHW, one
 // (N*H*W, C) @ (C, K) for channels-last; fp32 GEMMs (BLAS), then the epilogue in place.
-at::Tensor gemm_1x1(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& residual, double scale) {
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), K = weight.size(0);
-  const at::MemoryFormat fmt = out_format(x);
-  at::Tensor out = at::empty({N, K, x.size(2), x.size(3)}, x.options(), fmt);
+at::Tensor gemm_1x1(const Conv2dGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                    double scale) {
+  TORCH_CHECK(g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_t == 0 && g.pad_b == 0 &&
+                  g.pad_l == 0 && g.pad_r == 0,
+              kName, ": the gemm path takes 1x1 stride-1 unpadded convolutions");
+  const int64_t N = g.N, C = g.C, P = g.H * g.W, K = g.K;
+  const at::MemoryFormat fmt = g.out_format();
+  at::Tensor out = at::empty({N, K, g.Ho, g.Wo}, x.options(), fmt);
   const bool fp32 = x.scalar_type() == at::kFloat;
-  at::Tensor y = fp32 ? out : at::empty({N, K, x.size(2), x.size(3)}, x.options().dtype(at::kFloat), fmt);
+  at::Tensor y = fp32 ? out : at::empty({N, K, g.Ho, g.Wo}, x.options().dtype(at::kFloat), fmt);
   at::Tensor xf = fp32 ? x : x.to(at::kFloat);  // keeps the memory format
   at::Tensor w = weight.as_strided({K, C}, {C, 1});
   if (!fp32) w = w.to(at::kFloat);
@@ -163,24 +163,16 @@ at::Tensor conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const s
                           const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& packed,
                           int64_t stride_h, int64_t stride_w, int64_t pad_t, int64_t pad_b, int64_t pad_l,
                           int64_t pad_r, double output_scale, const std::string& algo) {
-  check_conv2d_fwd(kName, c10::DeviceType::CPU, x, weight, bias, residual, stride_h, stride_w, pad_t, pad_b,
-                   pad_l, pad_r);
+  const Conv2dGeometry g = check_conv2d_fwd(kName, c10::DeviceType::CPU, x, weight, bias, residual, stride_h,
+                                            stride_w, pad_t, pad_b, pad_l, pad_r);
   if (algo == "winograd4" || algo == "winograd2") {
-    TORCH_CHECK(stride_h == 1 && stride_w == 1, kName, ": Winograd needs stride 1");
     TORCH_CHECK(packed.has_value(), kName, ": Winograd needs the packed weight");
-    return winograd(x, weight, bias, residual, *packed, pad_t, pad_b, pad_l, pad_r, output_scale,
-                    algo == "winograd4" ? 4 : 2);
+    return winograd(g, x, bias, residual, *packed, output_scale, algo == "winograd4" ? 4 : 2);
   }
-  if (algo == "gemm") {
-    TORCH_CHECK(weight.size(2) == 1 && weight.size(3) == 1 && stride_h == 1 && stride_w == 1 && pad_t == 0 &&
-                    pad_b == 0 && pad_l == 0 && pad_r == 0,
-                kName, ": the gemm path takes 1x1 stride-1 unpadded convolutions");
-    return gemm_1x1(x, weight, bias, residual, output_scale);
-  }
+  if (algo == "gemm") return gemm_1x1(g, x, weight, bias, residual, output_scale);
   TORCH_CHECK(algo == "direct" || algo == "direct_fp32", kName, ": unknown algo '", algo,
               "' (expected winograd4, winograd2, gemm, direct or direct_fp32)");
-  return direct(x, weight, bias, residual, stride_h, stride_w, pad_t, pad_b, pad_l, pad_r, output_scale,
-                algo == "direct_fp32");
+  return direct(g, x, weight, bias, residual, output_scale, algo == "direct_fp32");
 }
 
 }  // namespace fastgen

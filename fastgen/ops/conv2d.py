@@ -112,7 +112,7 @@ def _grads(ctx, dy):
         )
         if need_x:
             dx = dxin if symmetric else dxin[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]]
-            dx = match_layout(dx, x) if dx.stride() != x.stride() and x.numel() else dx
+            dx = match_layout(dx, x)
     db = None if ctx.bias_dtype is None else dz.float().sum((0, 2, 3)).to(ctx.bias_dtype)
     dr = None if ctx.residual_dtype is None else dz.to(ctx.residual_dtype)
     return dx, dw, db, dr, None, None, None, None, None, None, None, None, None
