@@ -37,20 +37,6 @@ constexpr int64_t kMaxGridY = 65535;
 
 
 
-template <typename T, int V>
-__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
-  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-  for (int k = 0; k < V; ++k) out[k] = to_float(pk.v[k]);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
-  Pack<T, V> pk;
-#pragma unroll
-  for (int k = 0; k < V; ++k) pk.v[k] = from_float<T>(in[k]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pk;
-}
 
 // ------------------------------------------------------------- math
 
