@@ -85,6 +85,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vae_postprocess_fwd_cpu", &fastgen::vae_postprocess_fwd_cpu);
   m.def("vae_postprocess_bwd_cpu", &fastgen::vae_postprocess_bwd_cpu);
   m.def("conv2d_fwd_cpu", &fastgen::conv2d_fwd_cpu);
+  m.def("bias_act_fwd_cpu", &fastgen::bias_act_fwd_cpu);
+  m.def("bias_act_grad_cpu", &fastgen::bias_act_grad_cpu);
 #ifdef FASTGEN_WITH_CUDA
   m.def("group_norm_fwd_cuda", &fastgen::group_norm_fwd_cuda);
   m.def("group_norm_bwd_cuda", &fastgen::group_norm_bwd_cuda);
@@ -95,5 +97,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vae_postprocess_fwd_cuda", &fastgen::vae_postprocess_fwd_cuda);
   m.def("vae_postprocess_bwd_cuda", &fastgen::vae_postprocess_bwd_cuda);
   m.def("conv2d_fwd_cuda", &fastgen::conv2d_fwd_cuda);
+  m.def("bias_act_fwd_cuda", &fastgen::bias_act_fwd_cuda);
+  m.def("bias_act_grad_cuda", &fastgen::bias_act_grad_cuda);
 #endif
 }

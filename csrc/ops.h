@@ -154,4 +154,29 @@ at::Tensor conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                            int64_t pad_r, double output_scale, const std::string& algo);
 #endif
 
+// bias_act (fastgen/ops/bias_act.py: _reference_fwd / _reference_grad are the
+// contracts, csrc/bias_act_args.h the preconditions): y = clamp(act(x + b) *
+// gain, -clamp, clamp) (clamp < 0: none). x dense in any dim order,
+// float32/float16/bfloat16; b None or contiguous fp32 (x.size(dim),); act an
+// index into ACTIVATIONS. Returns y with x's dtype and strides. Math in fp32.
+at::Tensor bias_act_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& b, int64_t dim,
+                            int64_t act, double alpha, double gain, double clamp);
+// dy: x's sizes, strides and dtype. Returns dx = dy * gain * act^(order)(x + b)
+// (order 1 or 2), 0 where the clamp cut y, in x's dtype and strides; and db,
+// dx summed over every dim but `dim` in fp32 before rounding ((C,) float32;
+// (0,) without a bias).
+std::tuple<at::Tensor, at::Tensor> bias_act_grad_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                     const std::optional<at::Tensor>& b, int64_t dim,
+                                                     int64_t act, double alpha, double gain,
+                                                     double clamp, int64_t order);
+#ifdef FASTGEN_WITH_CUDA
+// Same contracts as the CPU entry points, for CUDA tensors.
+at::Tensor bias_act_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& b, int64_t dim,
+                             int64_t act, double alpha, double gain, double clamp);
+std::tuple<at::Tensor, at::Tensor> bias_act_grad_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                      const std::optional<at::Tensor>& b, int64_t dim,
+                                                      int64_t act, double alpha, double gain,
+                                                      double clamp, int64_t order);
+#endif
+
 }  // namespace fastgen

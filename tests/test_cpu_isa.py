@@ -348,6 +348,41 @@ def test_vae_postprocess_variants_agree():
             assert torch.equal(a, b), name
 
 
+# ---------------------------------------------------------------- bias_act
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("act", range(10))
+def test_bias_act(isa, dtype, cl, act):
+    from fastgen.ops.bias_act import _reference_fwd, _reference_grad
+
+    x = (randn(3, 20, 7, 9) * 3).to(dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.empty_like(x).copy_(randn(3, 20, 7, 9, seed=1))
+    b = randn(20, seed=2)
+    y = C.bias_act_fwd_cpu(x, b, 1, act, 0.2, 1.3, 2.5)
+    assert y.stride() == x.stride()
+    tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.float(), _reference_fwd(x.double(), b.double(), 1, act, 0.2, 1.3, 2.5).float(),
+                               **tol)
+    for order in (1, 2):
+        dx, db = C.bias_act_grad_cpu(dy, x, b, 1, act, 0.2, 1.3, 2.5, order)
+        rdx, rdb = _reference_grad(dy.double(), x.double(), b.double(), 1, act, 0.2, 1.3, 2.5, order)
+        assert dx.stride() == x.stride() and db.dtype == torch.float32
+        torch.testing.assert_close(dx.float(), rdx.float(), **tol)
+        torch.testing.assert_close(db.double(), rdb, rtol=2e-5, atol=2e-4)
+
+
+def test_bias_act_variants_agree():
+    x = randn(4, 32, 40, 50) * 3
+    b = randn(32, seed=1)
+    res = per_variant(lambda: (C.bias_act_fwd_cpu(x, b, 1, 6, 0.0, 1.0, -1.0),
+                               *C.bias_act_grad_cpu(x, x, b, 1, 5, 0.0, 1.4, -1.0, 2)))
+    assert_variants_agree(res, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------- preconditions, not copies
 
 
@@ -468,7 +503,7 @@ def test_only_the_isa_variants_use_wide_instructions():
 def test_cpu_kernel_is_fast():
     for name in ISAS:
         def check():
-            for op in ("geglu", "group_norm", "attention", "sampling_step", "vae_postprocess"):
+            for op in ("geglu", "group_norm", "attention", "sampling_step", "vae_postprocess", "bias_act"):
                 for dt in ("float32", "float16", "bfloat16"):
                     fast = C.cpu_kernel_is_fast(op, dt)
                     portable_fast = op == "sampling_step" or (op == "vae_postprocess" and dt == "float32")

@@ -29,7 +29,7 @@ def test_nvcc_compiles(source, compiled):
 
 
 def test_there_are_cuda_sources():
-    assert {"group_norm.cu", "attention.cu", "sampling.cu", "geglu.cu", "vae_postprocess.cu", "conv2d.cu"} <= {p.name for p in CUDA_SOURCES}
+    assert {"group_norm.cu", "attention.cu", "sampling.cu", "geglu.cu", "vae_postprocess.cu", "conv2d.cu", "bias_act.cu"} <= {p.name for p in CUDA_SOURCES}
 
 
 def test_entry_points_never_change_a_layout():

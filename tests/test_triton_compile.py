@@ -30,4 +30,4 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     assert result.returncode == 0 and "failures: 0" in result.stdout, report[-6000:]
     compiled = [line for line in result.stdout.splitlines() if line.startswith("ok")]
     kernels = {line.split()[2].split("_")[0] for line in compiled}
-    assert kernels >= {"attn", "conv", "gn", "geglu", "sampling", "vae"}, report[-3000:]
+    assert kernels >= {"attn", "biasact", "conv", "gn", "geglu", "sampling", "vae"}, report[-3000:]

@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import attention as A  # noqa: E402
+from kernels import bias_act as BA  # noqa: E402
 from kernels import conv2d as CV  # noqa: E402
 from kernels import geglu as GG  # noqa: E402
 from kernels import group_norm as GN  # noqa: E402
@@ -49,7 +50,7 @@ def compile_one(kernel, args, arch, num_warps=4, num_stages=2):
         elif isinstance(v, bool):
             sig[name] = "i1"
         else:
-            sig[name] = "i32"
+            sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"  # as the launcher specialises it
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
@@ -104,6 +105,26 @@ def cases():
                   BLOCK_H=256, APPROX_TANH=approx), 4, 2
             yield f"geglu_bwd_{tag}", GG._geglu_bwd_kernel, dict(DOUT=dt, X=dt, DX=dt, M=4096, H=1280,
                   BLOCK_M=16, BLOCK_H=256, APPROX_TANH=approx), 4, 2
+    # bias_act: (dtype, bias, act, clamp, inner == 1, order): StyleGAN's fp16 lrelu + clamp layer (NCHW and
+    # channels-last), bf16 gelu with the order-2 gradient, fp32 without a bias (tanh: the expm1 polynomial)
+    for dt, bias, act, clamp, inner1, order in [
+        ("fp16", True, 2, True, False, 1),
+        ("fp16", True, 2, True, True, 2),
+        ("bf16", True, 6, False, False, 2),
+        ("fp32", False, 3, False, True, 1),
+        ("fp32", True, 9, True, False, 2),
+    ]:
+        tag = f"{dt}_act{act}{'_b' if bias else ''}{'_c' if clamp else ''}{'_cl' if inner1 else ''}"
+        flags = dict(ACT=act, HAS_BIAS=bias, INNER1=inner1, HAS_CLAMP=clamp, IDX64=False, ROUND_BF16=False,
+                     BLOCK=2048)
+        sizes = dict(numel=2 * 512 * 64 * 64, C=512, inner=1 if inner1 else 64 * 64, alpha=0.2, gain=1.41,
+                     clamp=256.0)
+        yield f"biasact_fwd_{tag}", BA._bias_act_fwd_kernel, dict(sizes, X=dt, B="fp32", Y=dt, **flags), 4, 2
+        yield f"biasact_grad_{tag}_o{order}", BA._bias_act_grad_kernel, dict(sizes, DY=dt, X=dt, B="fp32", DX=dt,
+              ORDER=order, **flags), 4, 2
+    yield "biasact_fwd_fp16_act5_idx64", BA._bias_act_fwd_kernel, dict(
+        X="fp16", B="fp32", Y="fp16", numel=2**31 + 7, C=3, inner=2**28, alpha=0.0, gain=1.41, clamp=-1.0,
+        ACT=5, HAS_BIAS=True, INNER1=False, HAS_CLAMP=False, IDX64=True, ROUND_BF16=False, BLOCK=4096), 8, 2
     # sampling step: every optional input on, and the bare update
     for dt in ("fp32", "fp16", "bf16"):
         for on in (True, False):

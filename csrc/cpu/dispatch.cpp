@@ -176,9 +176,10 @@ std::string set_isa(const std::string& name) {
 
 bool kernel_is_fast(const std::string& op, const std::string& dtype) {
   if (op != "geglu" && op != "group_norm" && op != "attention" && op != "sampling_step" &&
-      op != "vae_postprocess" && op != "conv2d")
+      op != "vae_postprocess" && op != "conv2d" && op != "bias_act")
     throw std::invalid_argument("unknown op '" + op +
-                                "'; use geglu, group_norm, attention, sampling_step, vae_postprocess or conv2d");
+                                "'; use geglu, group_norm, attention, sampling_step, vae_postprocess, conv2d "
+                                "or bias_act");
   if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16")
     throw std::invalid_argument("unknown dtype '" + dtype + "'; use float32, float16 or bfloat16");
   if (current_index() == kPortable) {

@@ -4,6 +4,7 @@ call to the Triton / CUDA / C++ CPU kernels or the reference and registers the t
 See docs/design.md."""
 
 from .attention import attention, attention_reference
+from .bias_act import bias_act, bias_act_reference
 from .conv2d import conv2d, conv2d_reference, release_packed_weights
 from .geglu import geglu, geglu_reference
 from .group_norm import group_norm, group_norm_reference
@@ -16,6 +17,8 @@ __all__ = [
     "X0From",
     "attention",
     "attention_reference",
+    "bias_act",
+    "bias_act_reference",
     "conv2d",
     "conv2d_reference",
     "geglu",

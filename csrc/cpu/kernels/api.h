@@ -150,6 +150,28 @@ struct ConvEpilogueArgs {
   Parallel par;
 };
 
+// ---------------------------------------------------------------- bias_act
+// x, dy, out dense in one memory order; the element at offset o takes bias
+// b[(o / inner) % C] (csrc/bias_act_args.h). order 0: y = clamp(act(x + b) *
+// gain); order 1 / 2: dx = dy * gain * act^(order)(x + b), 0 where clamped,
+// and the bias gradient (dx summed per bias index, before dx is rounded).
+struct BiasActArgs {
+  Dtype dtype;
+  int act;    // BiasActKind
+  int order;  // 0 forward, 1 or 2 gradient
+  int64_t numel, C, inner;
+  const float* b;  // (C,) or nullptr
+  float alpha, gain, clamp;  // clamp < 0: none
+  const void* x;
+  const void* dy;  // gradient only
+  void* out;
+  // Gradient with a bias: `parts` rows of C fp32 zeros, each part of the
+  // tensor's blocks adds its bias-gradient sums into its own row.
+  float* db_parts;
+  int64_t parts;
+  Parallel par;
+};
+
 // One ISA variant's kernels. Every entry may assume its ISA is present.
 struct KernelTable {
   const char* name;
@@ -165,6 +187,7 @@ struct KernelTable {
   void (*conv2d_winograd_input)(const ConvWinogradArgs&);
   void (*conv2d_winograd_output)(const ConvWinogradArgs&);
   void (*conv2d_epilogue)(const ConvEpilogueArgs&);
+  void (*bias_act)(const BiasActArgs&);
 };
 
 // The variants, lowest first. Each one that was built defines its table in

@@ -16,6 +16,7 @@ void vae_postprocess_bwd(const VaePostprocessArgs& a);
 void conv2d_winograd_input(const ConvWinogradArgs& a);
 void conv2d_winograd_output(const ConvWinogradArgs& a);
 void conv2d_epilogue(const ConvEpilogueArgs& a);
+void bias_act(const BiasActArgs& a);
 namespace cpu_attn {
 void attention_fwd(const AttentionArgs& a);
 void attention_bwd(const AttentionArgs& a);

@@ -21,6 +21,7 @@ const KernelTable kTable = {
     &conv2d_winograd_input,
     &conv2d_winograd_output,
     &conv2d_epilogue,
+    &bias_act,
 };
 
 FG_ISA_END
