@@ -22,6 +22,7 @@ from ..info import cpu_isa, cpu_name, gpu_peak_bandwidth_gbps
 SUITES = {
     "attention": "fastgen.bench.attention",
     "conv": "fastgen.bench.conv",
+    "gan": "fastgen.bench.gan",
     "geglu": "fastgen.bench.geglu",
     "group_norm": "fastgen.bench.group_norm",
     "models": "fastgen.bench.models",
@@ -46,7 +47,8 @@ class Case:
 def time_ms(fn: Callable[[], object], min_run_time: float) -> float:
     """Median wall time of ``fn`` in ms (torch.utils.benchmark syncs CUDA)."""
     fn()  # warm-up: first-call compilation, allocator growth, autotuning
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    # Timer's own default is one thread: name the process's count, which the table header reports.
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
