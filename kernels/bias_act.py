@@ -4,11 +4,12 @@ Same contract as bias_act_{fwd,grad}_{cpu,cuda} in csrc/ops.h (reference:
 fastgen/ops/bias_act.py, _reference_fwd / _reference_grad):
 
     bias_act_fwd(x, b, dim, act, alpha, gain, clamp) -> y
-    bias_act_grad(dy, x, b, dim, act, alpha, gain, clamp, order) -> dx
+    bias_act_grad(dy, x, b, dim, act, alpha, gain, clamp, order) -> (dx, db)
 
 x is dense in any dim order (contiguous, channels-last, permuted); y and dx are
-empty_like(x), so they share x's strides, and dy has them too. The kernels
-therefore never look at shapes: they walk memory offsets 0..numel-1 of every
+empty_like(x), so they share x's strides, and dy has them too (db is dx summed
+over every dim but dim, in fp32, by a torch reduction after the kernel). The
+kernels therefore never look at shapes: they walk memory offsets 0..numel-1 of every
 tensor at once. The bias index of offset o is (o // inner) % C with
 inner = x.stride(dim) (csrc/bias_act_args.h says why that holds for any dense
 layout); the gather hits a tiny vector that stays in L1/L2. The public op
