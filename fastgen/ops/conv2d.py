@@ -79,9 +79,7 @@ def _reference_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     if output_scale != 1.0:
         y = y * output_scale
     fmt = _out_format(x)
-    n, k, h, w = y.shape
-    strides = (k * h * w, h * w, w, 1) if fmt == torch.contiguous_format else (h * w * k, 1, w * k, k)
-    if y.dtype == x.dtype and y.stride() == strides:
+    if y.dtype == x.dtype and y.stride() == _out_strides(x, y.shape):
         # F.conv2d's fresh output already is the contract's (strides exactly, size-1 dims included): copying
         # it would be a whole extra pass
         return y
