@@ -86,7 +86,7 @@ def sdxl_pipeline(seed: int = 0):
     return pipe
 
 
-def run(pipe, steps: int = 3, size: int = 32, seed: int = 0, **kwargs) -> np.ndarray:
+def run(pipe, steps: int = 3, seed: int = 0, **kwargs) -> np.ndarray:
     kwargs.setdefault("prompt", PROMPT)
     kwargs.setdefault("output_type", "np")
     out = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs)

@@ -101,6 +101,21 @@ def test_patching_twice_is_harmless():
     assert torch.equal(_forward_all(unet, args).sample, ref)
 
 
+def test_bf16_follows_the_low_precision_rule():
+    from helpers import assert_lowp_close
+
+    unet = _model(diffusers.UNet2DConditionModel, UNET)
+    args = _unet_inputs()
+    ref32 = _forward_all(unet, args).sample
+    lowp = copy.deepcopy(unet).to(torch.bfloat16)
+    args16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in args.items()}
+    torch_bf16 = _forward_all(lowp, args16).sample
+    fastgen.patch(lowp)
+    out = _forward_all(lowp, args16).sample
+    assert out.dtype == torch.bfloat16
+    assert_lowp_close(out, ref32, torch_bf16, what="patched bf16 UNet2DConditionModel")
+
+
 def test_unet_2d_matches():
     config = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
                   down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -266,6 +281,20 @@ def test_controlnet_pipeline_matches():
     report = fastgen.patch(pipe)
     assert report.counts["resnet"] > 14  # the U-Net's, the VAE's and the ControlNet's
     assert_images_close(run(pipe, image=cond), ref, "patched ControlNet pipeline")
+
+
+@pytest.mark.parametrize("order", ["offload_then_patch", "patch_then_offload"])
+def test_model_cpu_offload_keeps_working(order):
+    pipe = sd_pipeline()
+    ref = run(pipe)
+    steps = [lambda: pipe.enable_model_cpu_offload(device="cpu"), lambda: fastgen.patch(pipe)]
+    for step in steps if order == "offload_then_patch" else steps[::-1]:
+        step()
+    assert hasattr(pipe.unet, "_hf_hook")
+    assert_images_close(run(pipe), ref, f"model CPU offload ({order})")
+    fastgen.unpatch(pipe)
+    assert hasattr(pipe.unet, "_hf_hook")  # unpatch leaves accelerate's hooks in place
+    assert np.array_equal(run(pipe), ref)
 
 
 def test_save_pretrained_after_patching_writes_a_diffusers_folder(tmp_path):

@@ -39,6 +39,11 @@ def unsupported_reason(attn: torch.nn.Module) -> Optional[str]:
     for feature, present in features:
         if present:
             return f"it uses {feature}"
+    head_dim = attn.inner_dim // attn.heads
+    if name == "AttnProcessor" and not math.isclose(attn.scale, head_dim ** -0.5):
+        # The classic processor applies attn.scale (scale_qk=False); AttnProcessor2_0, which this one
+        # reproduces, always uses SDPA's default.
+        return f"AttnProcessor with scale {attn.scale:g} (not 1/sqrt(head_dim))"
     return None
 
 
