@@ -274,7 +274,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride=1
         algo = _cpu_choice.choose(n, c, k, h, w_in, r, s, sh, sw, pads, xk.dtype)
         if algo.startswith("winograd"):
             # Traced (torch.compile): the transform becomes part of the graph instead of a cached tensor.
-            packed = _cpu_choice.pack_weight(wk, algo) if _tracing_mode() else _packed_weight(weight, algo)
+            packed = _cpu_choice.pack_weight(wk, algo, blocked=False) if _tracing_mode() else _packed_weight(weight, algo)
     return _op(xk, wk, bk, residual, packed, sh, sw, *pads, float(output_scale), algo, chosen)
 
 
