@@ -45,11 +45,11 @@ def _cmd_bench(args) -> int:
     import torch
 
     from .bench import SUITES, run_suites, save_results
-    from .bench._runner import device_name, format_table
+    from .bench._runner import DEFAULT_SUITES, device_name, format_table
 
     if args.tune:
         return _cmd_tune_attention(args)
-    suites = args.suites or list(SUITES)
+    suites = args.suites or list(DEFAULT_SUITES)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         print(f"fastgen bench: unknown suite(s) {', '.join(unknown)}; available: {', '.join(SUITES)}", file=sys.stderr)
@@ -59,12 +59,57 @@ def _cmd_bench(args) -> int:
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"fastgen bench {' '.join(suites)} on {device_name(device)}" + (" (quick)" if args.quick else ""))
-    rows = run_suites(suites, device, quick=args.quick, min_run_time=args.min_time)
-    print(format_table(rows))
+    try:
+        e2e_options = _e2e_options(args)
+    except ValueError as exc:
+        print(f"fastgen bench: {exc}", file=sys.stderr)
+        return 2
+    others = [s for s in suites if s != "e2e"]
+    rows = run_suites(others, device, quick=args.quick, min_run_time=args.min_time) if others else []
+    e2e_rows = []
+    if "e2e" in suites:
+        from .bench import e2e
+
+        try:
+            e2e_rows = e2e.run(device, quick=args.quick, **e2e_options)
+        except ValueError as exc:
+            print(f"fastgen bench: {exc}", file=sys.stderr)
+            return 2
+    rows += e2e_rows
+    # lists, dicts and worker logs stay in the JSON: the table has one line per row
+    print(format_table([{k: v for k, v in r.items() if not isinstance(v, (list, dict)) and k != "log_tail"}
+                        for r in rows]))
     if not args.no_save:
         path = save_results(rows, suites, device, Path(args.out))
         print(f"saved {path}")
-    return 0
+        if e2e_rows:
+            chart = e2e.save_chart(e2e_rows, path.with_suffix(".png"), device=device_name(device))
+            if chart is not None:
+                print(f"saved {chart}")
+    return 1 if any("error" in r for r in e2e_rows) else 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _e2e_options(args) -> dict:
+    """The e2e suite's overrides from the command line (None: the suite's default for the device / --quick)."""
+    return dict(
+        batches=_int_list(args.e2e_batches) if args.e2e_batches else None,
+        steps=args.e2e_steps,
+        size=args.e2e_size,
+        variants=[v.strip() for v in args.e2e_variants.split(",") if v.strip()] if args.e2e_variants else None,
+        rounds=args.e2e_rounds,
+        threads=args.e2e_threads,
+        timeout_s=args.e2e_timeout,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_cmd_info)
 
     p_bench = sub.add_parser("bench", help="benchmark fastgen against its baselines (ratios in one run)")
-    p_bench.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    p_bench.add_argument("suites", nargs="*",
+                         help="suites to run (default: all but e2e, the whole-pipeline suite, ~30-60 min on a "
+                              "2-core CPU, which runs only when named: `fastgen bench e2e`)")
     p_bench.add_argument("--quick", action="store_true", help="fewer cases and shorter timing, for a smoke run")
     p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p_bench.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
@@ -89,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--tune-out", default=None, help="with --tune: write the choice file here instead")
     p_bench.add_argument("--tune-budget", type=float, default=None,
                          help="with --tune: seconds of measuring at most (default 900, 120 with --quick)")
+    e2e = p_bench.add_argument_group(
+        "e2e suite", "SD1.5-architecture pipeline with random weights, DPM-Solver++ with CFG 7.5: diffusers eager, "
+                     "+ fastgen.patch, + torch.compile(unet), each in its own process. Default 256x256 (512x512 "
+                     "fp16 on CUDA), 20 steps, batches 1,4; --quick: a tiny pipeline, 32x32, 3 steps, batches 1,2, "
+                     "eager and patched, 1 thread. A PNG chart is saved beside the JSON")
+    e2e.add_argument("--e2e-batches", default=None, metavar="B[,B...]", help="batch sizes, e.g. 1,4")
+    e2e.add_argument("--e2e-steps", type=int, default=None, help="denoising steps")
+    e2e.add_argument("--e2e-size", type=int, default=None, help="image height and width (multiple of 8)")
+    e2e.add_argument("--e2e-variants", default=None, metavar="V[,V...]",
+                     help="some of eager,patched,compiled (eager is the reference of the pixel differences)")
+    e2e.add_argument("--e2e-rounds", type=int, default=1, help="steady-state calls after the first (best of)")
+    e2e.add_argument("--e2e-threads", type=int, default=None,
+                     help="torch threads per worker (default: torch's, 1 with --quick; 1 is steadier on a shared "
+                          "machine)")
+    e2e.add_argument("--e2e-timeout", type=float, default=None,
+                     help="seconds per worker process (default 3600, 600 with --quick)")
     p_bench.set_defaults(func=_cmd_bench)
     return parser
 

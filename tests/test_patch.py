@@ -261,6 +261,18 @@ def test_img2img_pipeline_matches():
     assert_images_close(run(pipe, steps=4, image=image, strength=0.6), ref, "patched img2img")
 
 
+def test_inpaint_pipeline_matches():
+    pipe = sd_pipeline("StableDiffusionInpaintPipeline")  # a 4-channel U-Net: the latents are blended by mask
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1.0
+    kwargs = dict(steps=4, image=image, mask_image=mask, height=32, width=32)
+    ref = run(pipe, **kwargs)
+    report = fastgen.patch(pipe)
+    assert report.counts["vae"] == 2  # its mask_processor is not the output's and stays diffusers'
+    assert_images_close(run(pipe, **kwargs), ref, "patched inpaint")
+
+
 def test_sdxl_pipeline_matches():
     pipe = sdxl_pipeline()
     ref = run(pipe, steps=3, height=32, width=32)

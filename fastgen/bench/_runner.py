@@ -22,13 +22,19 @@ from ..info import cpu_isa, cpu_name, gpu_peak_bandwidth_gbps
 SUITES = {
     "attention": "fastgen.bench.attention",
     "conv": "fastgen.bench.conv",
+    "drop_in": "fastgen.bench.drop_in",
     "gan": "fastgen.bench.gan",
     "geglu": "fastgen.bench.geglu",
     "group_norm": "fastgen.bench.group_norm",
     "models": "fastgen.bench.models",
     "sampling": "fastgen.bench.sampling",
     "vae_postprocess": "fastgen.bench.vae_postprocess",
+    # whole pipelines, each variant in its own process: fastgen.bench.e2e.run, not cases(); ~30-60 min on a
+    # 2-core CPU, so only when named
+    "e2e": "fastgen.bench.e2e",
 }
+# what `fastgen bench` with no suite named runs
+DEFAULT_SUITES = [name for name in SUITES if name != "e2e"]
 
 
 @dataclass
@@ -129,6 +135,9 @@ def run_suites(
         if name not in SUITES:
             raise ValueError(f"unknown benchmark suite {name!r}: expected one of {', '.join(SUITES)}")
         module = importlib.import_module(SUITES[name])
+        if not hasattr(module, "cases"):
+            raise ValueError(f"benchmark suite {name!r} has no cases: it runs whole processes (fastgen bench {name}, "
+                             f"or {SUITES[name]}.run)")
         suites.append((module, module.cases(device, quick)))
     rows: list[dict] = []
     with tqdm(total=sum(len(c) for _, c in suites), desc="bench", disable=not progress, leave=False) as bar:
