@@ -16,7 +16,7 @@ import time
 import torch
 
 from ._runner import Case
-from .models import UNET_CONFIG, VAE_CONFIG, _count_flops, gemm_peak_gflops
+from .models import UNET_CONFIG, VAE_CONFIG, _count_flops, _timed, diffusers_available, gemm_peak_gflops
 
 ROUNDS = 3
 
@@ -30,7 +30,7 @@ def _twin(model):
 
 
 class _Patched:
-    """The patched twin's forward; its first call (weight packing) and the patch are timed into ``row``."""
+    """The patched twin's forward (``call``: no-grad, as the baseline's); its first call (weight packing) and the patch are timed into ``row``."""
 
     def __init__(self, model, call, row: dict):
         import fastgen
@@ -42,24 +42,19 @@ class _Patched:
         self.call, self.row, self.first = call, row, True
 
     def __call__(self):
-        with torch.no_grad():
-            if self.first:
-                t0 = time.perf_counter()
-                self.call()
-                self.row["first_patched_call_s"] = time.perf_counter() - t0
-                self.first = False
-            return self.call()
+        if self.first:
+            t0 = time.perf_counter()
+            self.call()
+            self.row["first_patched_call_s"] = time.perf_counter() - t0
+            self.first = False
+        return self.call()
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
-    try:
-        import diffusers
-    except ImportError:
-        import sys
-
-        print("fastgen bench drop_in: skipped, diffusers is not installed (pip install 'fastgen[bench]')",
-              file=sys.stderr)
+    if not diffusers_available("drop_in"):
         return []
+    import diffusers
+
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     hw = 32 if quick else 64
     peak = gemm_peak_gflops(device, dtype)
@@ -76,8 +71,8 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     patched_unet = _twin(unet)
     unet_case = Case(
         "drop_in", "unet step patched", {"model": "unet sd1.5", "shape": f"2x4x{hw}x{hw} + 2x77x768", "dtype": dname},
-        _Patched(patched_unet, lambda: patched_unet(x, t, ctx).sample, row),
-        {"diffusers": _no_grad(lambda: unet(x, t, ctx).sample)},
+        _Patched(patched_unet, _timed(device, dtype, lambda: patched_unet(x, t, ctx).sample), row),
+        {"diffusers": _timed(device, dtype, lambda: unet(x, t, ctx).sample)},
         extra={"flops": _count_flops(lambda: diffusers.UNet2DConditionModel(**UNET_CONFIG), (x, t, ctx)),
                "peak_gflops": peak, "row": row, "rounds": rounds},
     )
@@ -88,16 +83,8 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     patched_vae = _twin(vae)
     vae_case = Case(
         "drop_in", "vae decode patched", {"model": "vae sd", "shape": f"1x4x{hw}x{hw} -> {8 * hw}px", "dtype": dname},
-        _Patched(patched_vae, lambda: patched_vae.decode(z).sample, vrow),
-        {"diffusers": _no_grad(lambda: vae.decode(z).sample)},
+        _Patched(patched_vae, _timed(device, dtype, lambda: patched_vae.decode(z).sample), vrow),
+        {"diffusers": _timed(device, dtype, lambda: vae.decode(z).sample)},
         extra={"peak_gflops": peak, "row": vrow, "rounds": rounds},
     )
     return [unet_case, vae_case]
-
-
-def _no_grad(fn):
-    def run():
-        with torch.no_grad():
-            return fn()
-
-    return run

@@ -155,14 +155,21 @@ def _openvino_runner(model, example: tuple, dtype: torch.dtype):
     return lambda: request.infer(inputs)
 
 
-def cases(device: torch.device, quick: bool = False) -> list[Case]:
+def diffusers_available(suite: str) -> bool:
+    """Whether diffusers (the baseline, and the source of the random weights) imports; says so when not."""
     try:
-        import diffusers  # noqa: F401  (the baseline, and the source of the random weights)
+        import diffusers  # noqa: F401
     except ImportError:
         import sys
 
-        print("fastgen bench models: skipped, diffusers is not installed (pip install 'fastgen[bench]')",
+        print(f"fastgen bench {suite}: skipped, diffusers is not installed (pip install 'fastgen[bench]')",
               file=sys.stderr)
+        return False
+    return True
+
+
+def cases(device: torch.device, quick: bool = False) -> list[Case]:
+    if not diffusers_available("models"):
         return []
     out = []
     hw = 32 if quick else 64

@@ -242,6 +242,7 @@ def _patch_scheduler(pipe, record: Record, report: PatchReport) -> None:
     # object.__setattr__ keeps the pipeline's config (model_index.json) naming diffusers' class, so a saved
     # pipeline stays loadable by diffusers; save_pretrained saves the original scheduler (same config).
     object.__setattr__(pipe, "scheduler", new)
+
     def restore():
         if pipe.scheduler is new:  # (a scheduler the user set since is theirs)
             object.__setattr__(pipe, "scheduler", original)
@@ -268,12 +269,7 @@ def _make_save_pretrained(original_scheduler):
 def _patch_postprocess(processor, record: Record, report: PatchReport) -> None:
     from diffusers.image_processor import VaeImageProcessor
 
-    if patched_kind(processor, "postprocess") is not None:
-        report.already += 1
-        return
-    if not isinstance(processor, VaeImageProcessor) or type(processor).postprocess is not VaeImageProcessor.postprocess:
-        report.left.append(("image_processor", f"{type(processor).__name__} has its own postprocess"))
-        return
-    record.bind(processor, "postprocess", _vae.postprocess)
-    report.counts["vae"] += 1
+    own = not isinstance(processor, VaeImageProcessor) or type(processor).postprocess is not VaeImageProcessor.postprocess
+    _bind(processor, "postprocess", _vae.postprocess, "vae", "image_processor",
+          f"{type(processor).__name__} has its own postprocess" if own else None, record, report)
 

@@ -117,8 +117,7 @@ class FastgenAttnProcessor:
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], head_dim: int) -> Tensor:
     if mask is None and head_dim in HEAD_DIMS and q.dtype in _KERNEL_DTYPES and q.dtype == k.dtype == v.dtype:
-        # The kernel wants contiguous (B, H, N, D); the projections' views are (B, N, H, D) underneath.
-        return attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=1.0 / math.sqrt(head_dim))
+        return attention(q, k, v, scale=1.0 / math.sqrt(head_dim))
     if mask is None and head_dim not in HEAD_DIMS:
         _backend.warn_once(
             ("drop_in.attention", "head_dim", head_dim),

@@ -15,10 +15,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 @mark("feed_forward")
 def geglu_forward(self: torch.nn.Module, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-    if args or kwargs.get("scale", None) is not None:
-        return type(self).forward(self, hidden_states, *args, **kwargs)  # diffusers' deprecation path
-    h = self.proj(hidden_states)
-    if h.dtype not in _FLOATS or h.dim() < 1:
-        hidden, gate = h.chunk(2, dim=-1)
-        return hidden * self.gelu(gate)
-    return geglu(h)
+    if args or kwargs.get("scale", None) is not None or hidden_states.dtype not in _FLOATS:
+        # diffusers' deprecation path, or a dtype the kernels lack (fp64): diffusers' own forward
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return geglu(self.proj(hidden_states))

@@ -41,7 +41,7 @@ def postprocess(self, image: Tensor, output_type: str = "pil", do_denormalize: O
         return vae_postprocess(image)
     if output_type == "np":
         return vae_postprocess(image).cpu().permute(0, 2, 3, 1).float().numpy()
-    return _to_pil(vae_postprocess(image.detach(), output="uint8").cpu().numpy())
+    return _to_pil(vae_postprocess(image, output="uint8").cpu().numpy())
 
 
 def _to_pil(images: np.ndarray) -> list:
