@@ -144,6 +144,21 @@ def test_winograd_memory_switch(monkeypatch):
         choice.choose(*args)
 
 
+def test_training_weights_take_the_direct_path():
+    """A weight an optimizer updates every step would be re-transformed every step: train on the direct path,
+    infer (no grad, or a frozen weight) on Winograd."""
+    args = (2, 320, 320, 64, 64, 3, 3, 1, 1, (1, 1, 1, 1), torch.float32)
+    assert choice.choose(*args, training=True) == "direct"
+    assert choice.choose(*args, training=False) == "winograd4"
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(1, 16, 12, 12)
+    conv2d(x, conv.weight, conv.bias, padding=1, backend="cpu").sum().backward()
+    assert not getattr(conv.weight, PACK_ATTR, None)  # nothing packed for a training step
+    with torch.no_grad():
+        conv2d(x, conv.weight, conv.bias, padding=1, backend="cpu")
+    assert getattr(conv.weight, PACK_ATTR, None)
+
+
 def test_one_by_one_and_non_contiguous_input():
     x, wt, b = _inputs(2, 30, 31, 6, 7, r=1)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # neither contiguous nor channels-last

@@ -271,7 +271,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride=1
         chosen = "torch"
     algo, packed = "", None
     if chosen == "cpu":
-        algo = _cpu_choice.choose(n, c, k, h, w_in, r, s, sh, sw, pads, xk.dtype)
+        training = torch.is_grad_enabled() and weight.requires_grad
+        algo = _cpu_choice.choose(n, c, k, h, w_in, r, s, sh, sw, pads, xk.dtype, training)
         if algo.startswith("winograd"):
             # Traced (torch.compile): the transform becomes part of the graph instead of a cached tensor.
             packed = _cpu_choice.pack_weight(wk, algo, blocked=False) if _tracing_mode() else _packed_weight(weight, algo)
