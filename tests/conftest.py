@@ -22,3 +22,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions on a loaded 2-core machine: two OpenMP threads spin far more than they compute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The 1,497 training digits at 16 px (skips without scikit-learn)."""
+    pytest.importorskip("sklearn")
+    from fastgen.data import load_digits
+
+    return load_digits(16, "train")

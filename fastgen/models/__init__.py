@@ -2,6 +2,7 @@
 
 from .autoencoder_kl import AutoencoderKL
 from .blocks import Attention, GroupNorm
+from .conv_vae import ConvVAE
 from .gan import DCGANDiscriminator, DCGANGenerator, PatchGANDiscriminator, Pix2PixGenerator
 from .unet_2d import UNet2DModel
 from .unet_2d_condition import UNet2DConditionModel
@@ -9,6 +10,7 @@ from .unet_2d_condition import UNet2DConditionModel
 __all__ = [
     "Attention",
     "AutoencoderKL",
+    "ConvVAE",
     "DCGANDiscriminator",
     "DCGANGenerator",
     "GroupNorm",
