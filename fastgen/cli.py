@@ -1,4 +1,4 @@
-"""The ``fastgen`` command: ``fastgen info`` and ``fastgen bench``."""
+"""The ``fastgen`` command: ``info``, ``bench``, and (``cli_train``) ``quickstart``, ``train``, ``sample``, ``evaluate``."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _cmd_bench(args) -> int:
     import torch
 
     from .bench import SUITES, run_suites, save_results
-    from .bench._runner import DEFAULT_SUITES, device_name, format_table
+    from .bench._runner import DEFAULT_SUITES, device_name, format_table, resolve_quick
 
     if args.tune:
         return _cmd_tune_attention(args)
@@ -58,20 +58,26 @@ def _cmd_bench(args) -> int:
         print("fastgen bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"fastgen bench {' '.join(suites)} on {device_name(device)}" + (" (quick)" if args.quick else ""))
+    # one value for the whole run, the same for every suite (e2e included): see resolve_quick
+    quick = resolve_quick(named=bool(args.suites), quick=args.quick, full=args.full)
+    if not quick:
+        mode = " (full)"
+    else:
+        mode = " (quick)" if args.quick else " (quick: the reduced cases; --full for all of them)"
+    print(f"fastgen bench {' '.join(suites)} on {device_name(device)}{mode}")
     try:
         e2e_options = _e2e_options(args)
     except ValueError as exc:
         print(f"fastgen bench: {exc}", file=sys.stderr)
         return 2
     others = [s for s in suites if s != "e2e"]
-    rows = run_suites(others, device, quick=args.quick, min_run_time=args.min_time) if others else []
+    rows = run_suites(others, device, quick=quick, min_run_time=args.min_time) if others else []
     e2e_rows = []
     if "e2e" in suites:
         from .bench import e2e
 
         try:
-            e2e_rows = e2e.run(device, quick=args.quick, **e2e_options)
+            e2e_rows = e2e.run(device, quick=quick, **e2e_options)
         except ValueError as exc:
             print(f"fastgen bench: {exc}", file=sys.stderr)
             return 2
@@ -80,7 +86,7 @@ def _cmd_bench(args) -> int:
     print(format_table([{k: v for k, v in r.items() if not isinstance(v, (list, dict)) and k != "log_tail"}
                         for r in rows]))
     if not args.no_save:
-        path = save_results(rows, suites, device, Path(args.out))
+        path = save_results(rows, suites, device, Path(args.out), quick=quick)
         print(f"saved {path}")
         if e2e_rows:
             chart = e2e.save_chart(e2e_rows, path.with_suffix(".png"), device=device_name(device))
@@ -122,9 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_bench = sub.add_parser("bench", help="benchmark fastgen against its baselines (ratios in one run)")
     p_bench.add_argument("suites", nargs="*",
-                         help="suites to run (default: all but e2e, the whole-pipeline suite, ~30-60 min on a "
-                              "2-core CPU, which runs only when named: `fastgen bench e2e`)")
-    p_bench.add_argument("--quick", action="store_true", help="fewer cases and shorter timing, for a smoke run")
+                         help="suites to run (default: all but train and e2e, which run only when named: each "
+                              "takes many minutes at full size on a 2-core CPU). With no suite named the run "
+                              "uses every suite's reduced cases (minutes); named suites run their full cases")
+    size = p_bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="reduced cases and shorter timing for every suite, named or not (the default when no "
+                           "suite is named; e2e: the tiny pipeline)")
+    size.add_argument("--full", action="store_true",
+                      help="full cases for every suite, named or not (the default for named suites): plain "
+                           "`fastgen bench --full` takes about an hour on a 2-core CPU")
     p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p_bench.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
     p_bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
@@ -139,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e = p_bench.add_argument_group(
         "e2e suite", "SD1.5-architecture pipeline with random weights, DPM-Solver++ with CFG 7.5: diffusers eager, "
                      "+ fastgen.patch, + torch.compile(unet), each in its own process. Default 256x256 (512x512 "
-                     "fp16 on CUDA), 20 steps, batches 1,4; --quick: a tiny pipeline, 32x32, 3 steps, batches 1,2, "
-                     "eager and patched, 1 thread. A PNG chart is saved beside the JSON")
+                     "fp16 on CUDA), 20 steps, batches 1,4 (also with --full); --quick: a tiny pipeline, 32x32, "
+                     "3 steps, batches 1,2, eager and patched, 1 thread. A PNG chart is saved beside the JSON")
     e2e.add_argument("--e2e-batches", default=None, metavar="B[,B...]", help="batch sizes, e.g. 1,4")
     e2e.add_argument("--e2e-steps", type=int, default=None, help="denoising steps")
     e2e.add_argument("--e2e-size", type=int, default=None, help="image height and width (multiple of 8)")
@@ -153,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--e2e-timeout", type=float, default=None,
                      help="seconds per worker process (default 3600, 600 with --quick)")
     p_bench.set_defaults(func=_cmd_bench)
+
+    from .cli_train import add_commands
+
+    add_commands(sub)
     return parser
 
 
