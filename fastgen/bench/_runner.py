@@ -29,12 +29,31 @@ SUITES = {
     "models": "fastgen.bench.models",
     "sampling": "fastgen.bench.sampling",
     "vae_postprocess": "fastgen.bench.vae_postprocess",
+    # one training step of the SD1.5 U-Net, fastgen against diffusers: two 860M-parameter models, minutes
+    # and ~15 GiB at full size on a 2-core CPU, so only when named
+    "train": "fastgen.bench.train",
     # whole pipelines, each variant in its own process: fastgen.bench.e2e.run, not cases(); ~30-60 min on a
     # 2-core CPU, so only when named
     "e2e": "fastgen.bench.e2e",
 }
+# suites that run only when named: each takes many minutes at full size on a 2-core CPU
+NAMED_ONLY = ("train", "e2e")
 # what `fastgen bench` with no suite named runs
-DEFAULT_SUITES = [name for name in SUITES if name != "e2e"]
+DEFAULT_SUITES = [name for name in SUITES if name not in NAMED_ONLY]
+
+
+def resolve_quick(named: bool, quick: bool = False, full: bool = False) -> bool:
+    """Whether a ``fastgen bench`` run uses each suite's reduced cases (``quick``), given the flags.
+
+    One value for the whole run, passed the same way to every suite's ``cases(device, quick)`` and to
+    ``e2e.run``: ``--quick`` reduced, ``--full`` full; neither: reduced when no suite is named (plain
+    ``fastgen bench``, minutes on a 2-core CPU), full when suites are named (``fastgen bench models``,
+    ``fastgen bench e2e``: what naming them ran before)."""
+    if quick and full:
+        raise ValueError("--quick and --full exclude each other")
+    if quick or full:
+        return quick
+    return not named
 
 
 @dataclass
@@ -173,7 +192,8 @@ def _cpu_isas_supported() -> Optional[list[str]]:
     return ext.cpu_isas_supported() if ext is not None and hasattr(ext, "cpu_isas_supported") else None
 
 
-def save_results(rows: list[dict], suites: list[str], device: torch.device, out_dir: Path) -> Path:
+def save_results(rows: list[dict], suites: list[str], device: torch.device, out_dir: Path,
+                 quick: Optional[bool] = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
     stamp = datetime.datetime.now(datetime.timezone.utc)
@@ -188,6 +208,8 @@ def save_results(rows: list[dict], suites: list[str], device: torch.device, out_
         "python": platform.python_version(),
         "cpu_isa": cpu_isa(),
         "cpu_isas_supported": _cpu_isas_supported(),
+        # whether the run used the suites' reduced cases (None: not said, as in files written before 2026-12-02)
+        "quick": quick,
         "rows": rows,
     }
     path.write_text(json.dumps(payload, indent=1))
