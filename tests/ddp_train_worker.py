@@ -27,12 +27,20 @@ def build(kind: str, loop: dict):
     return DiffusionTrainer(data, options, config)
 
 
-def main():
-    kind, out = sys.argv[1], sys.argv[2]
+def parse(items) -> dict:
     loop = {}
-    for item in sys.argv[3:]:
+    for item in items:
         k, v = item.split("=", 1)
         loop[k] = v if k == "out_dir" else (float(v) if "." in v or "e-" in v else int(v))
+    return loop
+
+
+def main():
+    train_and_save(sys.argv[1], sys.argv[2], parse(sys.argv[3:]))
+
+
+def train_and_save(kind: str, out: str, loop: dict) -> None:
+    loop = dict(loop)
     resume = bool(loop.pop("resume", 0))
     trainer = build(kind, loop)
     trainer.fit(resume=resume)

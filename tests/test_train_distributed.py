@@ -23,12 +23,18 @@ def _free_port() -> int:
 def _run(nproc: int, kind: str, out: Path, *loop: str, timeout: int = 240) -> dict:
     from safetensors.torch import load_file
 
+    if nproc == 1:  # the reference runs in this process (no torchrun environment: a single process)
+        import ddp_train_worker
+
+        threads = torch.get_num_threads()
+        try:
+            ddp_train_worker.train_and_save(kind, str(out), ddp_train_worker.parse(loop))
+        finally:
+            torch.set_num_threads(threads)
+        return load_file(str(out))
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
-    if nproc == 1:
-        cmd = [sys.executable, WORKER, kind, str(out), *loop]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER, kind, str(out), *loop]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER, kind, str(out), *loop]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return load_file(str(out))
