@@ -1,7 +1,6 @@
 """torchrun with 2 CPU processes (gloo) computes what one process computes on the same global batch."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,6 @@ import torch
 pytest.importorskip("sklearn")
 
 WORKER = str(Path(__file__).with_name("ddp_train_worker.py"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(nproc: int, kind: str, out: Path, *loop: str, timeout: int = 240) -> dict:
@@ -33,9 +26,15 @@ def _run(nproc: int, kind: str, out: Path, *loop: str, timeout: int = 240) -> di
             torch.set_num_threads(threads)
         return load_file(str(out))
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER, kind, str(out), *loop]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # --standalone: torchrun binds its own free local port (a port picked here and closed could be taken
+    # before torchrun binds it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER,
+           kind, str(out), *loop]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # show where the workers were
+        raise AssertionError(f"torchrun timed out after {timeout} s:\n{(exc.stdout or b'')[-3000:]!r}\n"
+                             f"{(exc.stderr or b'')[-3000:]!r}") from None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return load_file(str(out))
 
