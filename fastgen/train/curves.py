@@ -5,31 +5,19 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 
 def plot_curves(history, path, *, title: str = "training", skip=("step", "lr", "time_s")) -> Optional[Path]:
     """One panel per logged value (losses, grad norms) against the step, written atomically. ``history`` is one
     trainer's list of records, or a dict of them (``{"vae": [...], "diffusion": [...]}``: panels prefixed)."""
-    if isinstance(history, dict):
-        merged: dict[int, dict] = {}
-        for prefix, records in history.items():
-            for r in records:
-                merged.setdefault(len(merged), {"step": r["step"], "_prefix": prefix,
-                                                **{f"{prefix} {k}": v for k, v in r.items() if k not in skip}})
-        series = {}
-        for r in merged.values():
+    runs = history if isinstance(history, dict) else {"": history}
+    series: dict[str, list] = {}
+    for prefix, records in runs.items():
+        for r in records:
             for k, v in r.items():
-                if k not in ("step", "_prefix"):
-                    series.setdefault(k, []).append((r["step"], v))
-        return _plot(series, path, title)
-    if not history:
-        return None
-    series = {}
-    for r in history:
-        for k, v in r.items():
-            if k not in skip:
-                series.setdefault(k, []).append((r["step"], v))
+                if k not in skip:
+                    series.setdefault(f"{prefix} {k}" if prefix else k, []).append((r["step"], v))
     return _plot(series, path, title)
 
 

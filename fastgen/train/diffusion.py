@@ -101,8 +101,6 @@ class DiffusionModel:
         self.options = options
         self.denoiser = denoiser
         self.vae = vae
-        abar = DDPMScheduler(**options.scheduler_config()).alphas_cumprod
-        self.alphas_cumprod = torch.as_tensor(abar, dtype=torch.float64)
 
     @property
     def device(self) -> torch.device:
