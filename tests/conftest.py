@@ -40,3 +40,24 @@ def digits():
     from fastgen.data import load_digits
 
     return load_digits(16, "train")
+
+
+@pytest.fixture
+def diffusers_twin():
+    """``twin(folder)``: diffusers' StableDiffusionPipeline over the components of a saved fastgen pipeline
+    folder (the same weights, through diffusers' and transformers' own classes)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+
+    def twin(folder):
+        sd = diffusers.StableDiffusionPipeline(
+            unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"),
+            vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
+            text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder"),
+            tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            scheduler=diffusers.DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        sd.set_progress_bar_config(disable=True)
+        return sd
+
+    return twin

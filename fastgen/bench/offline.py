@@ -69,3 +69,46 @@ def sd15_pipeline(**kwargs):
     pipe = diffusers.StableDiffusionPipeline(**sd15_components(**kwargs))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# A small latent-diffusion model of fastgen's own (random weights): what `fastgen bench serve` serves and the
+# pipeline / sampler tests run. 32x32 RGB images through a 2-level VAE to 3x16x16 latents.
+TINY_UNET = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                 attention_head_dim=8, norm_num_groups=8)
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(16, 32),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                layers_per_block=1, norm_num_groups=8, sample_size=32)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                 max_position_embeddings=16, projection_dim=32)
+TINY_CLASSES = [str(d) for d in range(10)]
+
+
+def tiny_latent_pipeline(conditioning: str = "prompt", *, seed: int = 0, scheduler: str = "DPMSolverMultistepScheduler",
+                         unet: Optional[dict] = None):
+    """A fastgen ``LatentDiffusionPipeline`` with random weights from ``seed``: ``conditioning`` "prompt" (a tiny
+    CLIP text encoder over :func:`clip_tokenizer`), "class" (ten class tokens, named "0".."9") or "none"."""
+    from .. import schedulers
+    from ..models import AutoencoderKL, UNet2DConditionModel
+    from ..pipelines import LatentDiffusionPipeline
+    from ..train.conditioning import TokenTable
+
+    torch.manual_seed(seed)
+    unet_model = UNet2DConditionModel(**(TINY_UNET if unet is None else unet))
+    vae = AutoencoderKL(**TINY_VAE)
+    sched = getattr(schedulers, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    dim = unet_model.config.cross_attention_dim
+    text = {}
+    if conditioning == "prompt":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        config = CLIPTextConfig(**dict(TINY_TEXT, hidden_size=dim, projection_dim=dim))
+        text = dict(text_encoder=CLIPTextModel(config), tokenizer=clip_tokenizer(config.max_position_embeddings))
+    elif conditioning in ("class", "none"):
+        text = dict(condition_tokens=TokenTable(len(TINY_CLASSES) if conditioning == "class" else 0, dim))
+    else:
+        raise ValueError(f"conditioning must be prompt, class or none; got {conditioning!r}")
+    names = TINY_CLASSES if conditioning == "class" else []
+    return LatentDiffusionPipeline(unet_model, sched, vae, **text, class_names=names, default_num_inference_steps=8,
+                                   default_guidance_scale=4.0)

@@ -10,7 +10,6 @@ with DPM-Solver++ and guidance; the trainer's sample grids and ``fastgen sample`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -130,19 +129,17 @@ class DiffusionModel:
                 ids.append(c)
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    def _hidden(self, conditions, prompts) -> tuple[Tensor, Tensor]:
-        enc = self.denoiser.encoder
-        null = getattr(enc, "num_conditions", 0)
-        if prompts is not None:
-            if self.options.conditioning != "prompt":
-                raise ValueError(f"this model is conditioned on {self.options.conditioning!r}, not on prompts")
-            cond = enc.encode_text(list(prompts))
-        elif self.options.conditioning == "none":
-            cond = enc(torch.full((len(conditions),), null, dtype=torch.long, device=self.device))
-        else:
-            cond = enc(self.condition_ids(conditions))
-        uncond = enc(torch.full((cond.shape[0],), null, dtype=torch.long, device=self.device))
-        return uncond, cond
+    def pipeline(self):
+        """The model as a :class:`~fastgen.pipelines.LatentDiffusionPipeline` sharing these modules."""
+        from ..pipelines import LatentDiffusionPipeline
+
+        o, enc = self.options, self.denoiser.encoder
+        text = dict(text_encoder=enc.text_model, tokenizer=enc.tokenizer) if isinstance(enc, PromptEncoder) \
+            else dict(condition_tokens=enc)
+        scheduler = DPMSolverMultistepScheduler(**o.scheduler_config(), algorithm_type="dpmsolver++", solver_order=2)
+        return LatentDiffusionPipeline(self.denoiser.unet, scheduler, self.vae, **text, class_names=o.class_names,
+                                       default_num_inference_steps=o.sample_steps,
+                                       default_guidance_scale=o.guidance_scale)
 
     @torch.no_grad()
     def generate(self, conditions: Optional[Sequence] = None, *, prompts: Optional[Sequence[str]] = None,
@@ -150,7 +147,7 @@ class DiffusionModel:
                  guidance_scale: Optional[float] = None, batch_size: int = 128) -> Tensor:
         """Images (N, C, H, W) in [-1, 1], one per seed (or per row of ``noise``, the initial (N, *sample_shape)
         latents, e.g. interpolated ones): ``conditions`` (class ids or names) or ``prompts``, one per image
-        (or one for all)."""
+        (or one for all). Sampling is the pipeline's (DPM-Solver++, guidance above a scale of 1)."""
         from ..schedulers.noise import randn_tensor
 
         o = self.options
@@ -169,47 +166,27 @@ class DiffusionModel:
             items = items * n
         if len(items) != n:
             raise ValueError(f"{len(items)} conditions for {n} seeds: give one per seed, or one for all")
-        steps = steps or o.sample_steps
-        g = o.guidance_scale if guidance_scale is None else guidance_scale
-        out = []
-        for start in range(0, n, batch_size):
-            part = items[start:start + batch_size]
-            uncond, cond = self._hidden(None if prompts is not None else part, part if prompts is not None else None)
-            x = noise[start:start + batch_size].to(self.device, torch.float32)
-            sched = DPMSolverMultistepScheduler(**o.scheduler_config(), algorithm_type="dpmsolver++", solver_order=2)
-            sched.set_timesteps(steps)
-            guided = g != 1.0 and o.conditioning != "none"
-            hidden = torch.cat([uncond, cond]) if guided else cond
-            for t in sched.timesteps:
-                inp = torch.cat([x, x]) if guided else x
-                tt = torch.full((inp.shape[0],), int(t), dtype=torch.long, device=self.device)
-                e = self.denoiser.unet(inp, tt, hidden).sample
-                x = sched.step(e, t, x, guidance_scale=g if guided else None).prev_sample
-            out.append(self.decode(x))
+        if prompts is not None:
+            if o.conditioning != "prompt":
+                raise ValueError(f"this model is conditioned on {o.conditioning!r}, not on prompts")
+            resolved = [str(p) for p in items]
+        elif o.conditioning == "none":
+            resolved = [None] * n
+        else:
+            ids = self.condition_ids(items).tolist()
+            resolved = [o.class_names[i] for i in ids] if o.conditioning == "prompt" else ids
+        pipe = self.pipeline()
+        out = [pipe.generate(resolved[i:i + batch_size], latents=noise[i:i + batch_size], num_inference_steps=steps,
+                             guidance_scale=guidance_scale) for i in range(0, n, batch_size)]
         return torch.cat(out).clamp(-1, 1)
 
     def decode(self, x: Tensor) -> Tensor:
-        if self.vae is None:
-            return x
-        return self.vae.decode(x / self.vae.config.scaling_factor).sample
+        return self.pipeline().decode(x)
 
     def save(self, folder: Path) -> None:
-        folder = Path(folder)
-        self.denoiser.unet.save_pretrained(folder / "unet")
-        enc = self.denoiser.encoder
-        if isinstance(enc, PromptEncoder):
-            enc.save(folder)
-        else:
-            from safetensors.torch import save_file
-
-            (folder / "condition_tokens").mkdir(parents=True, exist_ok=True)
-            save_file({"tokens": enc.tokens.weight.detach().cpu().contiguous()},
-                      str(folder / "condition_tokens" / "model.safetensors"))
-        if self.vae is not None:
-            self.vae.save_pretrained(folder / "vae")
-        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-            dict(self.options.scheduler_config(), _class_name="DPMSolverMultistepScheduler"), indent=1))
+        """A pipeline folder (``model_index.json``: ``LatentDiffusionPipeline.from_pretrained`` and ``fastgen
+        serve`` read it) plus fastgen's manifest (the training options)."""
+        self.pipeline().save_pretrained(folder)
         write_manifest(folder, "diffusion", self.options)
 
     @classmethod

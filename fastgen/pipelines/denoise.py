@@ -1,0 +1,59 @@
+"""The denoising loop every fastgen sampler runs: classifier-free guidance as one batched U-Net call on
+``[uncond; cond]`` followed by the scheduler step that combines the two halves in its fused kernel
+(``step(..., guidance_scale=g)``), so the guided prediction is never written out on its own.
+
+The loop body only launches device work: timesteps reach the U-Net as device tensors made before the loop, and
+the schedulers read their coefficients from Python-float tables. That is what lets the batch sampler capture
+the whole loop as one CUDA graph (docs/design.md, "Serving")."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# Schedulers whose steps draw no noise (with their default step arguments): a CUDA graph of the loop replays
+# the same computation, where a stochastic step would replay the noise drawn at capture.
+DETERMINISTIC = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler")
+
+
+def is_deterministic(scheduler) -> bool:
+    name = type(scheduler).__name__
+    if name not in DETERMINISTIC:
+        return False
+    return getattr(scheduler.config, "algorithm_type", "dpmsolver++") != "sde-dpmsolver++"
+
+
+def guided(guidance_scale: float, has_uncond: bool) -> bool:
+    """diffusers' rule: guidance runs for a scale above 1 on a conditional model."""
+    return has_uncond and guidance_scale > 1.0
+
+
+def unet_timesteps(scheduler, batch: int, device: torch.device) -> list[Tensor]:
+    """One ``(batch,)`` timestep tensor per step on ``device`` (after ``set_timesteps``)."""
+    dtype = scheduler.timesteps.dtype if scheduler.timesteps.is_floating_point() else torch.long
+    return [torch.full((batch,), float(t), dtype=dtype, device=device) if dtype != torch.long
+            else torch.full((batch,), int(t), dtype=dtype, device=device) for t in scheduler.timesteps]
+
+
+def denoise(unet, scheduler, latents: Tensor, cond: Tensor, uncond: Optional[Tensor], guidance_scale: float, *,
+            generator=None, model_timesteps: Optional[list] = None) -> Tensor:
+    """Run every step of ``scheduler`` (``set_timesteps`` already called) from ``latents`` (unscaled
+    N(0, 1) noise) and return the final latents. ``cond`` / ``uncond``: the U-Net's
+    ``encoder_hidden_states`` for the batch; ``uncond`` None (or a scale <= 1) runs without guidance."""
+    use_cfg = guided(guidance_scale, uncond is not None)
+    hidden = torch.cat([uncond, cond]) if use_cfg else cond
+    rows = latents.shape[0] * (2 if use_cfg else 1)
+    if model_timesteps is None:
+        model_timesteps = unet_timesteps(scheduler, rows, latents.device)
+    x = latents * scheduler.init_noise_sigma
+    step_kwargs = {"guidance_scale": guidance_scale} if use_cfg else {}
+    if generator is not None and not is_deterministic(scheduler):  # (Heun's step takes no generator)
+        step_kwargs["generator"] = generator
+    for t, t_model in zip(scheduler.timesteps, model_timesteps):
+        inp = torch.cat([x, x]) if use_cfg else x
+        inp = scheduler.scale_model_input(inp, t)
+        eps = unet(inp, t_model, encoder_hidden_states=hidden).sample
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    return x
