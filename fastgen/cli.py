@@ -1,4 +1,5 @@
-"""The ``fastgen`` command: ``info``, ``bench``, and (``cli_train``) ``quickstart``, ``train``, ``sample``, ``evaluate``."""
+"""The ``fastgen`` command: ``info``, ``bench``, (``cli_train``) ``quickstart``, ``train``, ``sample``, ``evaluate``,
+and (``cli_serve``) ``serve``."""
 
 from __future__ import annotations
 
@@ -167,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds per worker process (default 3600, 600 with --quick)")
     p_bench.set_defaults(func=_cmd_bench)
 
+    from .cli_serve import add_command as add_serve
     from .cli_train import add_commands
 
     add_commands(sub)
+    add_serve(sub)
     return parser
 
 
