@@ -31,7 +31,8 @@ def _cmd_serve(args) -> int:
     except (CheckpointError, FileNotFoundError, ValueError, ImportError) as exc:
         return _fail(exc)
     queue = RequestQueue(sampler, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                         max_pending=args.max_pending, validate=sampler.check, default_timeout_s=args.timeout_s)
+                         max_pending=args.max_pending, validate=sampler.check, batch_key=sampler.batch_key,
+                         default_timeout_s=args.timeout_s)
     info = {"model": str(args.model), "device": str(sampler.pipe.device), "max_batch_size": args.max_batch_size,
             "conditioning": sampler.pipe.conditioning, "class_names": list(sampler.pipe.class_names),
             "cuda_graphs": sampler.cuda_graphs}

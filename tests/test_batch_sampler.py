@@ -58,6 +58,10 @@ def test_groups_compatible_requests_and_keeps_order():
     assert sampler.stats["batches"] == 4 and sampler.stats["images"] == 7
     default = sampler([SampleRequest(class_label=1, seed=0)])[0]  # the pipeline's default steps and guidance
     assert default.image.shape == (3, 32, 32)
+    # the key a queue groups by has the defaults filled in: left out and written out share batches
+    written = SampleRequest(class_label=2, steps=8, guidance_scale=4.0, height=32, width=32)
+    assert sampler.batch_key(SampleRequest(class_label=1)) == sampler.batch_key(written) == (8, 4.0, 32, 32)
+    assert sampler.batch_key(SampleRequest(class_label=1, steps=3)) != sampler.batch_key(written)
 
 
 def test_stochastic_scheduler_keeps_per_sample_identity():
@@ -103,9 +107,13 @@ def test_serves_a_patched_diffusers_pipeline(tmp_path, diffusers_twin):
     sd = diffusers_twin(tmp_path)
     expected = [sd(p, generator=torch.Generator().manual_seed(s), num_inference_steps=4, guidance_scale=5.0,
                    output_type="pt").images[0] for p, s in [("a cat", 1), ("a dog", 2)]]
+    requests = _requests(["a cat", "a dog"], [1, 2], guidance_scale=5.0)
+    # unpatched: diffusers' own scheduler, so guidance is combined before its step
+    for res, exp in zip(BatchSampler(sd, max_batch_size=4)(requests), expected):
+        torch.testing.assert_close(res.image, exp.float(), atol=5e-4, rtol=0)
     fastgen.patch(sd)
     sampler = BatchSampler(sd, max_batch_size=4)
-    out = sampler(_requests(["a cat", "a dog"], [1, 2], guidance_scale=5.0))
+    out = sampler(requests)
     assert sampler.pipe.default_size() == (32, 32)
     for res, exp in zip(out, expected):
         assert res.batch_size == 2

@@ -76,20 +76,23 @@ class BatchSampler:
         dh, dw = self.pipe.default_size()
         return r.height or dh, r.width or dw
 
-    def _settings(self, r: SampleRequest) -> tuple:
+    def batch_key(self, r: SampleRequest) -> tuple:
+        """(steps, guidance, height, width) with this model's defaults filled in: requests with equal keys run
+        in one batch (a queue in front of the sampler groups by it, so ``steps=None`` and the default steps
+        written out share batches)."""
         steps = self.pipe.default_num_inference_steps if r.steps is None else r.steps
         g = self.pipe.default_guidance_scale if r.guidance_scale is None else float(r.guidance_scale)
         return (steps, g) + self._size(r)
 
     def __call__(self, requests: Sequence[SampleRequest]) -> list[SampleResult]:
         """One result per request, in order. Every request is checked first, so a bad one raises before any
-        work (the request queue then re-runs the others without it)."""
+        work (the request queue then re-runs each request of the batch alone, so only the bad one fails)."""
         requests = list(requests)
         for r in requests:
             self.check(r)
         groups: "OrderedDict[tuple, list[int]]" = OrderedDict()
         for i, r in enumerate(requests):
-            groups.setdefault(self._settings(r), []).append(i)
+            groups.setdefault(self.batch_key(r), []).append(i)
         results: list[Optional[SampleResult]] = [None] * len(requests)
         with self._lock:
             for settings, index in groups.items():

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..schedulers.noise import make_generators
+
 # Schedulers whose steps draw no noise (with their default step arguments): a CUDA graph of the loop replays
 # the same computation, where a stochastic step would replay the noise drawn at capture.
 DETERMINISTIC = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler")
@@ -23,6 +25,11 @@ def is_deterministic(scheduler) -> bool:
     if name not in DETERMINISTIC:
         return False
     return getattr(scheduler.config, "algorithm_type", "dpmsolver++") != "sde-dpmsolver++"
+
+
+def fuses_guidance(scheduler) -> bool:
+    """fastgen's schedulers take ``guidance_scale=`` and combine the halves in the step kernel; diffusers' do not."""
+    return type(scheduler).__module__.startswith("fastgen.")
 
 
 def guided(guidance_scale: float, has_uncond: bool) -> bool:
@@ -48,12 +55,19 @@ def denoise(unet, scheduler, latents: Tensor, cond: Tensor, uncond: Optional[Ten
     if model_timesteps is None:
         model_timesteps = unet_timesteps(scheduler, rows, latents.device)
     x = latents * scheduler.init_noise_sigma
-    step_kwargs = {"guidance_scale": guidance_scale} if use_cfg else {}
+    fused = fuses_guidance(scheduler)
+    step_kwargs = {"guidance_scale": guidance_scale} if use_cfg and fused else {}
     if generator is not None and not is_deterministic(scheduler):  # (Heun's step takes no generator)
+        if not fused and isinstance(generator, (list, tuple)) and generator and isinstance(generator[0], int):
+            # diffusers' schedulers take generators, not seeds: the same per-seed step-noise streams
+            generator = make_generators(list(generator), stream=1)
         step_kwargs["generator"] = generator
     for t, t_model in zip(scheduler.timesteps, model_timesteps):
         inp = torch.cat([x, x]) if use_cfg else x
         inp = scheduler.scale_model_input(inp, t)
         eps = unet(inp, t_model, encoder_hidden_states=hidden).sample
+        if use_cfg and not fused:
+            e_uncond, e_cond = eps.chunk(2)
+            eps = e_uncond + guidance_scale * (e_cond - e_uncond)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return x
