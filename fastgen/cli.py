@@ -46,7 +46,7 @@ def _cmd_bench(args) -> int:
     import torch
 
     from .bench import SUITES, run_suites, save_results
-    from .bench._runner import DEFAULT_SUITES, device_name, format_table, resolve_quick
+    from .bench._runner import DEFAULT_SUITES, RUN_SUITES, device_name, format_table, resolve_quick
 
     if args.tune:
         return _cmd_tune_attention(args)
@@ -71,9 +71,9 @@ def _cmd_bench(args) -> int:
     except ValueError as exc:
         print(f"fastgen bench: {exc}", file=sys.stderr)
         return 2
-    others = [s for s in suites if s != "e2e"]
+    others = [s for s in suites if s not in RUN_SUITES]
     rows = run_suites(others, device, quick=quick, min_run_time=args.min_time) if others else []
-    e2e_rows = []
+    e2e_rows, serve_rows = [], []
     if "e2e" in suites:
         from .bench import e2e
 
@@ -82,17 +82,32 @@ def _cmd_bench(args) -> int:
         except ValueError as exc:
             print(f"fastgen bench: {exc}", file=sys.stderr)
             return 2
-    rows += e2e_rows
+    if "serve" in suites:
+        from .bench import serve as bench_serve
+
+        serve_rows = bench_serve.run(device, quick=quick)
+    rows += e2e_rows + serve_rows
     # lists, dicts and worker logs stay in the JSON: the table has one line per row
     print(format_table([{k: v for k, v in r.items() if not isinstance(v, (list, dict)) and k != "log_tail"}
                         for r in rows]))
     if not args.no_save:
         path = save_results(rows, suites, device, Path(args.out), quick=quick)
         print(f"saved {path}")
-        if e2e_rows:
-            chart = e2e.save_chart(e2e_rows, path.with_suffix(".png"), device=device_name(device))
+        charts = [(e2e, e2e_rows, ".png")] if e2e_rows else []
+        if serve_rows:
+            charts.append((bench_serve, serve_rows, ".serve.png" if e2e_rows else ".png"))
+        for module, suite_rows, suffix in charts:
+            chart = module.save_chart(suite_rows, path.with_suffix(suffix), device=device_name(device))
             if chart is not None:
                 print(f"saved {chart}")
+    if serve_rows:
+        for r in serve_rows:
+            if "summary" in r:
+                verdict = ("not judged: arrivals only %.2fx what one-by-one answers" % r["arrival_bound_ratio"]
+                           if r["target_met"] is None else "met" if r["target_met"] else "NOT met")
+                print(f"serve {r['summary']}: batched throughput {r['throughput_ratio']:.2f}x one-by-one, p95 "
+                      f"{r['p95_batched_s']:.2f} s vs {r['p95_one_by_one_s']:.2f} s (target >= 2x, p95 no worse: "
+                      f"{verdict})")
     return 1 if any("error" in r for r in e2e_rows) else 0
 
 
@@ -129,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_bench = sub.add_parser("bench", help="benchmark fastgen against its baselines (ratios in one run)")
     p_bench.add_argument("suites", nargs="*",
-                         help="suites to run (default: all but train and e2e, which run only when named: each "
+                         help="suites to run (default: all but train, e2e and serve, which run only when named: each "
                               "takes many minutes at full size on a 2-core CPU). With no suite named the run "
                               "uses every suite's reduced cases (minutes); named suites run their full cases")
     size = p_bench.add_mutually_exclusive_group()

@@ -35,9 +35,14 @@ SUITES = {
     # whole pipelines, each variant in its own process: fastgen.bench.e2e.run, not cases(); ~30-60 min on a
     # 2-core CPU, so only when named
     "e2e": "fastgen.bench.e2e",
+    # request batching under Poisson load through the HTTP server on localhost: fastgen.bench.serve.run, not
+    # cases(); minutes of wall clock, so only when named
+    "serve": "fastgen.bench.serve",
 }
 # suites that run only when named: each takes many minutes at full size on a 2-core CPU
-NAMED_ONLY = ("train", "e2e")
+NAMED_ONLY = ("train", "e2e", "serve")
+# suites that run whole load tests or processes (module.run(device, quick)) instead of timed cases
+RUN_SUITES = ("e2e", "serve")
 # what `fastgen bench` with no suite named runs
 DEFAULT_SUITES = [name for name in SUITES if name not in NAMED_ONLY]
 
