@@ -50,6 +50,13 @@ def _cmd_bench(args) -> int:
 
     if args.tune:
         return _cmd_tune_attention(args)
+    if args.gpu_check:
+        from .bench import gpu_check
+
+        return gpu_check.main((["--dry-run"] if args.dry_run else []) + ["--out", args.out])
+    if args.dry_run:
+        print("fastgen bench: --dry-run goes with --gpu-check", file=sys.stderr)
+        return 2
     suites = args.suites or list(DEFAULT_SUITES)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -162,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with the attention suite: measure the C++ CPU attention kernel against SDPA on a grid "
                               "of shapes and write the choice file the automatic CPU backend choice reads "
                               "($FASTGEN_CACHE_DIR or ~/.cache/fastgen/attention_cpu_choice.json)")
+    p_bench.add_argument("--gpu-check", action="store_true",
+                         help="the GPU validation run of benchmarks/gpu_check.sh: build with CUDA, the gpu tests and "
+                              "the cuda/triton halves of the op tests, then the benchmarks in order of value, in 8 "
+                              "minutes on an H100/H200; a JSON + markdown report in --out")
+    p_bench.add_argument("--dry-run", action="store_true",
+                         help="with --gpu-check: the same steps with CPU stand-ins (checks the script on a CPU)")
     p_bench.add_argument("--tune-out", default=None, help="with --tune: write the choice file here instead")
     p_bench.add_argument("--tune-budget", type=float, default=None,
                          help="with --tune: seconds of measuring at most (default 900, 120 with --quick)")
