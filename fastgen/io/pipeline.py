@@ -16,7 +16,8 @@ MODEL_INDEX = "model_index.json"
 class LoadedPipeline(dict):
     """``{component: object}`` for what fastgen loaded (models, schedulers), ``{component: folder path}``
     for what it skipped (text encoders, tokenizers, ...: listed in ``skipped``), ``None`` for components
-    the pipeline leaves empty. ``class_name`` and ``config`` hold the rest of ``model_index.json``."""
+    the pipeline leaves empty. ``classes`` maps each component to its ``(library, class name)`` entry;
+    ``class_name`` and ``config`` hold the rest of ``model_index.json``."""
 
     def __init__(self, folder: str, class_name: Optional[str], config: dict):
         super().__init__()
@@ -24,6 +25,7 @@ class LoadedPipeline(dict):
         self.class_name = class_name
         self.config = config
         self.skipped: dict[str, str] = {}
+        self.classes: dict[str, tuple] = {}
 
     def __getattr__(self, name):
         try:
@@ -75,6 +77,7 @@ def load_pipeline(folder: PathLike, *, torch_dtype=None, skip: Iterable[str] = (
         if name.startswith("_") or not _is_component(value):
             continue
         library, class_name = value
+        out.classes[name] = (library, class_name)
         if library is None or class_name is None:
             out[name] = None
             continue

@@ -39,9 +39,9 @@ def guided(guidance_scale: float, has_uncond: bool) -> bool:
 
 def unet_timesteps(scheduler, batch: int, device: torch.device) -> list[Tensor]:
     """One ``(batch,)`` timestep tensor per step on ``device`` (after ``set_timesteps``)."""
-    dtype = scheduler.timesteps.dtype if scheduler.timesteps.is_floating_point() else torch.long
-    return [torch.full((batch,), float(t), dtype=dtype, device=device) if dtype != torch.long
-            else torch.full((batch,), int(t), dtype=dtype, device=device) for t in scheduler.timesteps]
+    ts = scheduler.timesteps
+    dtype = ts.dtype if ts.is_floating_point() else torch.long
+    return [torch.full((batch,), t.item(), dtype=dtype, device=device) for t in ts]
 
 
 def denoise(unet, scheduler, latents: Tensor, cond: Tensor, uncond: Optional[Tensor], guidance_scale: float, *,

@@ -25,7 +25,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from .denoise import denoise, unet_timesteps
+from .denoise import denoise, guided, unet_timesteps
 
 # Per-module Python state that changes what the captured kernels compute (peft's LoRA layers keep these).
 _ADAPTER_ATTRS = ("scaling", "_active_adapter", "merged_adapters", "_disable_adapters", "processor")
@@ -87,7 +87,7 @@ def capture_loop(unet, scheduler, latents: Tensor, cond: Tensor, uncond: Optiona
     _pad_into(static_cond, cond)
     if uncond is not None:
         _pad_into(static_uncond, uncond)
-    rows = bucket * (2 if uncond is not None and guidance_scale > 1.0 else 1)
+    rows = bucket * (2 if guided(guidance_scale, uncond is not None) else 1)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):

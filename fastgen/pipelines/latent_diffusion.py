@@ -30,7 +30,6 @@ from .denoise import denoise
 from .geometry import LatentGeometry
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-CONDITIONINGS = ("prompt", "class", "none")
 
 
 @dataclass
@@ -261,7 +260,7 @@ class LatentDiffusionPipeline(LatentGeometry):
             from ..train.diffusion import DiffusionModel
 
             return DiffusionModel.from_folder(folder, device or "cpu").pipeline()
-        loaded = load_pipeline(folder, torch_dtype=torch_dtype, skip=_optional_skips(folder))
+        loaded = load_pipeline(folder, torch_dtype=torch_dtype)
         options = loaded.config.get("fastgen", {}) or {}
         text_encoder = tokenizer = tokens = None
         if loaded.get("text_encoder") is not None:
@@ -347,16 +346,6 @@ def load_condition_tokens(folder: Union[str, Path]):
     return table.eval()
 
 
-def _optional_skips(folder) -> tuple:
-    """Components fastgen does not load through diffusers classes (the safety checker, feature extractor)."""
-    try:
-        with open(os.path.join(folder, MODEL_INDEX)) as f:
-            index = json.load(f)
-    except (OSError, ValueError):
-        return ()  # load_pipeline reports the missing or malformed file
-    return tuple(k for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index)
-
-
 def _load_transformers(loaded, name: str, torch_dtype):
     try:
         import transformers
@@ -365,8 +354,7 @@ def _load_transformers(loaded, name: str, torch_dtype):
     from ..io import CheckpointError
 
     folder = loaded[name]
-    with open(os.path.join(loaded.folder, MODEL_INDEX)) as f:
-        class_name = json.load(f)[name][1]
+    class_name = loaded.classes[name][1]
     cls = getattr(transformers, class_name, None)
     if cls is None:
         raise CheckpointError(f"{loaded.folder}/{MODEL_INDEX}: {name} is a {class_name}, which transformers lacks")

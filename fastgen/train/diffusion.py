@@ -203,9 +203,9 @@ class DiffusionModel:
 
             encoder.text_model = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
         else:
-            from safetensors.torch import load_file
+            from ..pipelines.latent_diffusion import load_condition_tokens
 
-            encoder.tokens.weight.data.copy_(load_file(str(folder / "condition_tokens" / "model.safetensors"))["tokens"])
+            encoder.tokens.weight.data.copy_(load_condition_tokens(folder / "condition_tokens").tokens.weight)
         vae = AutoencoderKL.from_pretrained(folder / "vae") if options.space == "latent" else None
         model = cls(options, Denoiser(unet, encoder).eval().to(device), vae.eval().to(device) if vae else None)
         return model
