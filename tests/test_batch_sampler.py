@@ -6,7 +6,7 @@ import torch
 
 from fastgen.bench.offline import tiny_latent_pipeline
 from fastgen.pipelines import BatchSampler, SampleRequest
-from fastgen.pipelines.graphs import weights_fingerprint
+from fastgen.pipelines.graphs import scheduler_key, weights_fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("transformers")
@@ -144,6 +144,17 @@ def test_graph_fingerprint_sees_what_invalidates_a_graph():
     assert weights_fingerprint([unet]) != scaled
     conv.forward = lambda x: x  # a rebound forward (fastgen.patch does this)
     assert weights_fingerprint([unet]) != scaled
+
+
+def test_graph_key_of_a_scheduler_config_with_lists():
+    from fastgen.schedulers import DPMSolverMultistepScheduler
+
+    betas = [0.001 * (i + 1) / 1000 for i in range(1000)]
+    a = scheduler_key(DPMSolverMultistepScheduler(trained_betas=betas))
+    hash(a)  # a graph-cache key: configs hold lists (trained_betas, diffusers' _use_default_values)
+    assert a == scheduler_key(DPMSolverMultistepScheduler(trained_betas=list(betas)))
+    assert a != scheduler_key(DPMSolverMultistepScheduler(trained_betas=betas, solver_order=3))
+    assert scheduler_key(DPMSolverMultistepScheduler()) != a
 
 
 def test_lora_adapter_changes_change_the_fingerprint():

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .denoise import denoise, guided, is_deterministic
-from .graphs import CapturedLoop, capture_loop, replay, weights_fingerprint
+from .graphs import CapturedLoop, capture_loop, replay, scheduler_key, weights_fingerprint
 from .latent_diffusion import LatentDiffusionPipeline
 from .request import SampleRequest, SampleResult
 
@@ -155,7 +155,7 @@ class BatchSampler:
             self._fingerprint = fingerprint
         bucket = self.bucket(latents.shape[0])
         key = (bucket, tuple(latents.shape[1:]), tuple(cond.shape[1:]), latents.dtype, steps,
-               guidance if uncond is not None else None, type(sched).__name__, tuple(sorted(dict(sched.config).items(), key=str)))
+               guidance if uncond is not None else None, scheduler_key(sched))
         loop = self._graphs.get(key)
         if loop is None:
             loop = capture_loop(self.pipe.unet, type(sched).from_config(dict(sched.config)), latents, cond, uncond,

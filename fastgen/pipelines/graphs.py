@@ -19,6 +19,7 @@ noise a stochastic step draws at capture would be replayed unchanged.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -53,6 +54,12 @@ def weights_fingerprint(modules: Iterable[torch.nn.Module]) -> tuple:
             state += [_state_token(m.__dict__[a]) for a in _ADAPTER_ATTRS if a in m.__dict__]
             parts.append(tuple(state))
     return tuple(parts)
+
+
+def scheduler_key(scheduler) -> str:
+    """The scheduler's class and config as one hashable value (configs hold lists: ``trained_betas``, diffusers'
+    ``_use_default_values``)."""
+    return type(scheduler).__name__ + json.dumps(dict(scheduler.config), sort_keys=True, default=str)
 
 
 @dataclass
